@@ -1,0 +1,456 @@
+//! Settings: the defaults in `config/default.toml` (compiled in), then the
+//! TOML file named by `SESSIONGATE_CONFIG`, then one `SESSIONGATE_<KEY>`
+//! environment variable per setting. Every value is validated once here; a
+//! bad one stops start-up with an error naming where it came from (the
+//! environment variable, or the key and file). Secrets never appear in
+//! `Debug` output.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use toml::{Table, Value};
+
+/// The defaults, which also document every setting.
+pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
+
+/// Environment variable naming a TOML file loaded over the defaults.
+pub const CONFIG_ENV: &str = "SESSIONGATE_CONFIG";
+
+const ENV_PREFIX: &str = "SESSIONGATE_";
+const MIN_SECRET_LEN: usize = 32;
+const MAX_LEEWAY: Duration = Duration::from_secs(5);
+
+/// A secret string (API key, signing secret): redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every setting of the service, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: String,
+    pub workers: usize,
+    pub body_limit: usize,
+    pub redis_url: String,
+    pub redis_timeout: Duration,
+    pub redis_pool_size: usize,
+    pub key_prefix: String,
+    pub state_refresh_interval: Duration,
+    pub state_max_staleness: Duration,
+    pub issuer_keys: Vec<Secret>,
+    pub admin_keys: Vec<Secret>,
+    pub signing_secret: Secret,
+    pub issuer: String,
+    pub jwt_algorithm: Algorithm,
+    pub clock_leeway: Duration,
+    pub max_token_bytes: usize,
+    pub cookie_name: String,
+    pub idle_timeout: Duration,
+    pub absolute_lifetime: Duration,
+    pub reauth_after: Duration,
+    pub max_sessions_per_user: u32,
+    pub touch_interval: Duration,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+/// A setting that could not be used; `setting` names its source.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub message: String,
+}
+
+impl Settings {
+    /// Loads from the process environment (and `SESSIONGATE_CONFIG`).
+    pub fn from_env() -> Result<Settings, ConfigError> {
+        Self::load(&|name| std::env::var(name).ok())
+    }
+
+    /// Loads with `env` standing in for the process environment, so tests
+    /// can build settings without touching global state.
+    pub fn load(env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+        let mut layers = Layers::defaults();
+        if let Some(path) = env(CONFIG_ENV).filter(|p| !p.is_empty()) {
+            let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+                setting: CONFIG_ENV.into(),
+                message: format!("cannot read {path}: {e}"),
+            })?;
+            layers.overlay_file(&path, &text)?;
+        }
+        layers.overlay_env(env)?;
+        layers.build()
+    }
+
+    /// The interval at which a verify may write `last_seen_at`: the
+    /// configured `touch_interval`, capped at a tenth of the idle timeout.
+    pub fn effective_touch_interval(&self) -> Duration {
+        self.touch_interval.min(self.idle_timeout / 10)
+    }
+}
+
+/// The merged TOML table plus where each value came from.
+struct Layers {
+    table: Table,
+    source: HashMap<String, String>,
+}
+
+impl Layers {
+    fn defaults() -> Layers {
+        let table: Table = DEFAULTS_TOML
+            .parse()
+            .expect("config/default.toml is valid TOML");
+        let source = table
+            .keys()
+            .map(|k| (k.clone(), format!("{k} (default)")))
+            .collect();
+        Layers { table, source }
+    }
+
+    fn overlay_file(&mut self, path: &str, text: &str) -> Result<(), ConfigError> {
+        let file: Table = text.parse().map_err(|e| ConfigError {
+            setting: path.to_string(),
+            message: format!("not valid TOML: {e}"),
+        })?;
+        for (key, value) in file {
+            if !self.table.contains_key(&key) {
+                return Err(ConfigError {
+                    setting: format!("{key} in {path}"),
+                    message: "unknown setting".into(),
+                });
+            }
+            self.source.insert(key.clone(), format!("{key} in {path}"));
+            self.table.insert(key, value);
+        }
+        Ok(())
+    }
+
+    fn overlay_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let keys: Vec<String> = self.table.keys().cloned().collect();
+        for key in keys {
+            let var = format!("{ENV_PREFIX}{}", key.to_ascii_uppercase());
+            let Some(raw) = env(&var) else { continue };
+            let value = match &self.table[&key] {
+                Value::Integer(_) => {
+                    Value::Integer(raw.trim().parse().map_err(|_| ConfigError {
+                        setting: var.clone(),
+                        message: format!("expected a whole number, got {:?}", raw),
+                    })?)
+                }
+                Value::Array(_) => Value::Array(
+                    raw.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| Value::String(s.to_string()))
+                        .collect(),
+                ),
+                _ => Value::String(raw),
+            };
+            self.table.insert(key, value);
+            self.source.insert(key_of(&var), var);
+        }
+        Ok(())
+    }
+
+    fn err(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            setting: self.source.get(key).cloned().unwrap_or_else(|| key.into()),
+            message: message.into(),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<String, ConfigError> {
+        match self.table.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            _ => Err(self.err(key, "expected a string")),
+        }
+    }
+
+    fn integer(&self, key: &str, min: i64, max: i64) -> Result<i64, ConfigError> {
+        match self.table.get(key) {
+            Some(Value::Integer(n)) if (min..=max).contains(n) => Ok(*n),
+            Some(Value::Integer(n)) => {
+                Err(self.err(key, format!("{n} is out of range {min}..={max}")))
+            }
+            _ => Err(self.err(key, "expected a whole number")),
+        }
+    }
+
+    fn duration(&self, key: &str) -> Result<Duration, ConfigError> {
+        let text = self.string(key)?;
+        parse_duration(&text).ok_or_else(|| {
+            self.err(
+                key,
+                format!("{text:?} is not a duration (write e.g. 250ms, 5s, 30m, 12h, 30d)"),
+            )
+        })
+    }
+
+    fn secrets(&self, key: &str) -> Result<Vec<Secret>, ConfigError> {
+        let Some(Value::Array(items)) = self.table.get(key) else {
+            return Err(self.err(key, "expected a list of keys"));
+        };
+        if items.is_empty() {
+            return Err(self.err(key, "is required: give at least one key"));
+        }
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) if s.len() >= MIN_SECRET_LEN => Ok(Secret::new(s.clone())),
+                Value::String(_) => Err(self.err(
+                    key,
+                    format!("every key must be at least {MIN_SECRET_LEN} characters"),
+                )),
+                _ => Err(self.err(key, "expected a list of strings")),
+            })
+            .collect()
+    }
+
+    fn build(self) -> Result<Settings, ConfigError> {
+        let signing_secret = self.string("signing_secret")?;
+        if signing_secret.len() < MIN_SECRET_LEN {
+            return Err(self.err(
+                "signing_secret",
+                format!("is required and must be at least {MIN_SECRET_LEN} bytes"),
+            ));
+        }
+        let jwt_algorithm = match self.string("jwt_algorithm")?.as_str() {
+            "HS256" => Algorithm::HS256,
+            "HS384" => Algorithm::HS384,
+            "HS512" => Algorithm::HS512,
+            other => {
+                return Err(self.err(
+                    "jwt_algorithm",
+                    format!("{other:?} is not one of HS256, HS384, HS512"),
+                ));
+            }
+        };
+        let log_format = match self.string("log_format")?.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(self.err("log_format", format!("{other:?} is not text or json"))),
+        };
+        let redis_url = self.string("redis_url")?;
+        if !["redis://", "rediss://", "unix://", "redis+unix://"]
+            .iter()
+            .any(|scheme| redis_url.starts_with(scheme))
+        {
+            return Err(self.err("redis_url", "must start with redis://, rediss:// or unix://"));
+        }
+        let key_prefix = self.string("key_prefix")?;
+        if key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_control) {
+            return Err(self.err("key_prefix", "must not contain '{', '}' or control characters"));
+        }
+        let cookie_name = self.string("cookie_name")?;
+        if cookie_name.is_empty()
+            || !cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(self.err("cookie_name", "must be a non-empty token of [A-Za-z0-9._-]"));
+        }
+        let clock_leeway = self.duration("clock_leeway")?;
+        if clock_leeway > MAX_LEEWAY {
+            return Err(self.err("clock_leeway", "must be at most 5s"));
+        }
+        let positive = |key: &str| -> Result<Duration, ConfigError> {
+            let d = self.duration(key)?;
+            if d.is_zero() {
+                return Err(self.err(key, "must be greater than zero"));
+            }
+            Ok(d)
+        };
+        let settings = Settings {
+            listen: self.string("listen")?,
+            workers: self.integer("workers", 0, 1024)? as usize,
+            body_limit: self.integer("body_limit", 1024, 1 << 24)? as usize,
+            redis_url,
+            redis_timeout: positive("redis_timeout")?,
+            redis_pool_size: self.integer("redis_pool_size", 1, 1024)? as usize,
+            key_prefix,
+            state_refresh_interval: positive("state_refresh_interval")?,
+            state_max_staleness: positive("state_max_staleness")?,
+            issuer_keys: self.secrets("issuer_keys")?,
+            admin_keys: self.secrets("admin_keys")?,
+            signing_secret: Secret::new(signing_secret),
+            issuer: self.string("issuer")?,
+            jwt_algorithm,
+            clock_leeway,
+            max_token_bytes: self.integer("max_token_bytes", 256, 65536)? as usize,
+            cookie_name,
+            idle_timeout: positive("idle_timeout")?,
+            absolute_lifetime: positive("absolute_lifetime")?,
+            reauth_after: positive("reauth_after")?,
+            max_sessions_per_user: self.integer("max_sessions_per_user", 1, 10_000)? as u32,
+            touch_interval: positive("touch_interval")?,
+            log_level: self.string("log_level")?,
+            log_format,
+        };
+        if settings.state_max_staleness < settings.state_refresh_interval * 2 {
+            return Err(self.err(
+                "state_max_staleness",
+                "must be at least twice state_refresh_interval",
+            ));
+        }
+        Ok(settings)
+    }
+}
+
+fn key_of(var: &str) -> String {
+    var[ENV_PREFIX.len()..].to_ascii_lowercase()
+}
+
+/// Parses `250ms`, `5s`, `30m`, `12h`, `30d`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 || digits > 12 {
+        return None;
+    }
+    let n: u64 = text[..digits].parse().ok()?;
+    let unit_ms = match &text[digits..] {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(n.checked_mul(unit_ms)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_with(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+    fn required() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("SESSIONGATE_ISSUER_KEYS", KEY),
+            ("SESSIONGATE_ADMIN_KEYS", KEY),
+            ("SESSIONGATE_SIGNING_SECRET", KEY),
+        ]
+    }
+
+    #[test]
+    fn durations_parse_in_every_unit() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("12h"), Some(Duration::from_secs(43200)));
+        assert_eq!(parse_duration("30d"), Some(Duration::from_secs(2_592_000)));
+        for bad in ["", "5", "s", "5 s", "-5s", "5x", "1.5h", "99999999999999d"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_plus_required_secrets_load() {
+        let s = Settings::load(&env_with(&required())).unwrap();
+        assert_eq!(s.idle_timeout, Duration::from_secs(1800));
+        assert_eq!(s.redis_timeout, Duration::from_millis(250));
+        assert_eq!(s.max_sessions_per_user, 10);
+        assert_eq!(s.cookie_name, "session");
+    }
+
+    #[test]
+    fn missing_or_short_secrets_name_the_variable() {
+        for var in [
+            "SESSIONGATE_ISSUER_KEYS",
+            "SESSIONGATE_ADMIN_KEYS",
+            "SESSIONGATE_SIGNING_SECRET",
+        ] {
+            let mut env = required();
+            env.retain(|(k, _)| *k != var);
+            let err = Settings::load(&env_with(&env)).unwrap_err();
+            assert!(err.to_string().contains(&var.to_ascii_lowercase()[12..]), "{err}");
+            env.push((var, "short"));
+            let err = Settings::load(&env_with(&env)).unwrap_err();
+            assert_eq!(err.setting, var);
+        }
+    }
+
+    #[test]
+    fn bad_duration_names_the_variable() {
+        let mut env = required();
+        env.push(("SESSIONGATE_IDLE_TIMEOUT", "ten minutes"));
+        let err = Settings::load(&env_with(&env)).unwrap_err();
+        assert_eq!(err.setting, "SESSIONGATE_IDLE_TIMEOUT");
+        let mut env = required();
+        env.push(("SESSIONGATE_WORKERS", "two"));
+        assert_eq!(
+            Settings::load(&env_with(&env)).unwrap_err().setting,
+            "SESSIONGATE_WORKERS"
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let s = Settings::load(&env_with(&required())).unwrap();
+        assert!(!format!("{s:?}").contains(KEY));
+    }
+
+    #[test]
+    fn file_layer_overrides_defaults_and_rejects_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("sg-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "idle_timeout = \"5m\"\nmax_sessions_per_user = 3\n").unwrap();
+        let mut env = required();
+        let path = good.to_str().unwrap().to_string();
+        env.push((CONFIG_ENV, &path));
+        let s = Settings::load(&env_with(&env)).unwrap();
+        assert_eq!(s.idle_timeout, Duration::from_secs(300));
+        assert_eq!(s.max_sessions_per_user, 3);
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "idle_timout = \"5m\"\n").unwrap();
+        let mut env = required();
+        let path = bad.to_str().unwrap().to_string();
+        env.push((CONFIG_ENV, &path));
+        let err = Settings::load(&env_with(&env)).unwrap_err();
+        assert!(err.setting.starts_with("idle_timout in"), "{err}");
+    }
+
+    #[test]
+    fn leeway_is_capped_at_five_seconds() {
+        let mut env = required();
+        env.push(("SESSIONGATE_CLOCK_LEEWAY", "60s"));
+        assert_eq!(
+            Settings::load(&env_with(&env)).unwrap_err().setting,
+            "SESSIONGATE_CLOCK_LEEWAY"
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! One error type at the HTTP edge: each variant has a status, a stable code
+//! and a safe sentence. The cause chain goes to the log, never to the client;
+//! no error body or log line carries a token, key or secret. Every 401 has a
+//! `WWW-Authenticate` header, every 503 a `Retry-After`.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::session::ServiceError;
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// A stable code: `invalid_request`, `invalid_token`,
+    /// `insufficient_user_authentication`, `unauthorized`, `forbidden`,
+    /// `not_found`, `payload_too_large`, `store_unavailable`, …
+    #[schema(example = "invalid_token")]
+    pub error: &'static str,
+    /// A sentence for a person.
+    pub message: String,
+    /// For `insufficient_user_authentication`: the password age allowed, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the token is missing, invalid, expired or revoked")]
+    InvalidToken,
+    #[error("the password must be entered again")]
+    InsufficientAuth { max_age: u64 },
+    #[error("a valid API key is required")]
+    Unauthorized,
+    #[error("this key may not use this endpoint")]
+    Forbidden,
+    #[error("no such session")]
+    NotFound,
+    #[error("no such endpoint")]
+    NoRoute,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the request body is too large")]
+    PayloadTooLarge,
+    #[error("the session store is unavailable; try again shortly")]
+    StoreUnavailable,
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::InvalidToken => "invalid_token",
+            ApiError::InsufficientAuth { .. } => "insufficient_user_authentication",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden => "forbidden",
+            ApiError::NotFound | ApiError::NoRoute => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::InvalidRequest(msg) => ApiError::InvalidRequest(msg),
+            ServiceError::InvalidToken(reason) => {
+                tracing::debug!(%reason, "token refused");
+                ApiError::InvalidToken
+            }
+            ServiceError::SessionGone => ApiError::InvalidToken,
+            ServiceError::InsufficientAuth { max_age } => ApiError::InsufficientAuth { max_age },
+            ServiceError::NotFound => ApiError::NotFound,
+            ServiceError::Store(cause) => {
+                tracing::warn!(error = %cause, "session store unavailable");
+                ApiError::StoreUnavailable
+            }
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidToken | ApiError::InsufficientAuth { .. } | ApiError::Unauthorized => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::NotFound | ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status_code());
+        res.insert_header((header::CACHE_CONTROL, "no-store"));
+        let max_age = match self {
+            ApiError::InvalidToken => {
+                res.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+                ));
+                None
+            }
+            ApiError::InsufficientAuth { max_age } => {
+                res.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    format!(
+                        r#"Bearer error="insufficient_user_authentication", error_description="A more recent password check is required", max_age={max_age}"#
+                    ),
+                ));
+                Some(*max_age)
+            }
+            ApiError::Unauthorized => {
+                res.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer realm="sessiongate""#),
+                ));
+                None
+            }
+            ApiError::StoreUnavailable => {
+                res.insert_header((header::RETRY_AFTER, "1"));
+                None
+            }
+            _ => None,
+        };
+        res.json(ErrorBody {
+            error: self.code(),
+            message: self.to_string(),
+            max_age,
+        })
+    }
+}

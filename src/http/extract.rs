@@ -1,0 +1,172 @@
+//! Request extractors: who is calling.
+//!
+//! API keys are compared in constant time: the presented key and every
+//! configured key are hashed to 32 bytes and all of them are compared, so
+//! neither the position nor the length of a match leaks through timing.
+//! Admin and issuer rights are types (`AdminPrincipal`, `IssuerPrincipal`):
+//! a handler that takes one cannot run for an unchecked caller.
+
+use std::future::{Ready, ready};
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest, web};
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
+
+use super::AppState;
+use crate::config::Secret;
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Issuer,
+    Admin,
+}
+
+/// The configured API keys, kept only as SHA-256 digests.
+pub struct ApiKeys {
+    issuer: Vec<[u8; 32]>,
+    admin: Vec<[u8; 32]>,
+}
+
+impl ApiKeys {
+    pub fn new(issuer: &[Secret], admin: &[Secret]) -> ApiKeys {
+        let digest = |keys: &[Secret]| {
+            keys.iter()
+                .map(|k| Sha256::digest(k.expose().as_bytes()).into())
+                .collect()
+        };
+        ApiKeys {
+            issuer: digest(issuer),
+            admin: digest(admin),
+        }
+    }
+
+    /// The role of a presented key, if any; constant time over all keys.
+    pub fn role_of(&self, presented: &[u8]) -> Option<Role> {
+        let d: [u8; 32] = Sha256::digest(presented).into();
+        let any = |keys: &[[u8; 32]]| {
+            keys.iter()
+                .fold(Choice::from(0), |acc, k| acc | k.ct_eq(&d))
+        };
+        let (admin, issuer) = (any(&self.admin), any(&self.issuer));
+        if bool::from(admin) {
+            Some(Role::Admin)
+        } else if bool::from(issuer) {
+            Some(Role::Issuer)
+        } else {
+            None
+        }
+    }
+}
+
+fn state(req: &HttpRequest) -> &AppState {
+    req.app_data::<web::Data<AppState>>()
+        .expect("AppState is registered")
+}
+
+/// The credentials of `Authorization: Bearer <credentials>`, if present.
+pub fn bearer(req: &HttpRequest) -> Option<&[u8]> {
+    let value = req.headers().get(header::AUTHORIZATION)?.as_bytes();
+    if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
+        Some(value[7..].trim_ascii())
+    } else {
+        None
+    }
+}
+
+fn role(req: &HttpRequest) -> Option<Role> {
+    bearer(req).and_then(|key| state(req).api_keys.role_of(key))
+}
+
+/// The caller holds an admin key.
+pub struct AdminPrincipal;
+
+impl FromRequest for AdminPrincipal {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(match role(req) {
+            Some(Role::Admin) => Ok(AdminPrincipal),
+            Some(Role::Issuer) => Err(ApiError::Forbidden),
+            None => Err(ApiError::Unauthorized),
+        })
+    }
+}
+
+/// The caller holds an issuer key (the login backend).
+pub struct IssuerPrincipal;
+
+impl FromRequest for IssuerPrincipal {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(match role(req) {
+            Some(Role::Issuer) => Ok(IssuerPrincipal),
+            Some(Role::Admin) => Err(ApiError::Forbidden),
+            None => Err(ApiError::Unauthorized),
+        })
+    }
+}
+
+/// The caller holds an issuer or an admin key (introspection).
+pub struct KeyHolder(#[allow(dead_code)] pub Role);
+
+impl FromRequest for KeyHolder {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(role(req).map(KeyHolder).ok_or(ApiError::Unauthorized))
+    }
+}
+
+/// A user's token, from `Authorization: Bearer`, else from the cookie.
+/// Only its presence is checked here; `SessionService` checks the rest.
+pub struct BearerToken(pub String);
+
+impl BearerToken {
+    pub fn from_request_parts(req: &HttpRequest) -> Result<BearerToken, ApiError> {
+        if let Some(raw) = bearer(req) {
+            return std::str::from_utf8(raw)
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(|t| BearerToken(t.to_string()))
+                .ok_or(ApiError::InvalidToken);
+        }
+        let cookie_name = &state(req).cookie_name;
+        req.cookie(cookie_name)
+            .map(|c| c.value().to_string())
+            .filter(|t| !t.is_empty())
+            .map(BearerToken)
+            .ok_or(ApiError::InvalidToken)
+    }
+}
+
+impl FromRequest for BearerToken {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(BearerToken::from_request_parts(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_are_told_apart_and_near_misses_refused() {
+        let issuer = Secret::new("i".repeat(40));
+        let admin = Secret::new("a".repeat(40));
+        let keys = ApiKeys::new(std::slice::from_ref(&issuer), std::slice::from_ref(&admin));
+        assert_eq!(keys.role_of(issuer.expose().as_bytes()), Some(Role::Issuer));
+        assert_eq!(keys.role_of(admin.expose().as_bytes()), Some(Role::Admin));
+        assert_eq!(keys.role_of("i".repeat(39).as_bytes()), None);
+        assert_eq!(keys.role_of(b""), None);
+    }
+}

@@ -1,0 +1,63 @@
+//! Liveness, readiness, metrics and the OpenAPI document.
+
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+use super::AppState;
+use crate::error::{ApiError, ErrorBody};
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Status {
+    pub status: &'static str,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Status)))]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Status { status: "ok" })
+}
+
+/// Redis answers and the global state is fresh.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Status), (status = 503, body = ErrorBody)))]
+pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let service = &state.service;
+    let ready = match service.store().ping().await {
+        Ok(()) => service.global().snapshot().map(|_| ()),
+        Err(e) => Err(e),
+    };
+    match ready {
+        Ok(()) => Ok(HttpResponse::Ok().json(Status { status: "ready" })),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            Err(ApiError::StoreUnavailable)
+        }
+    }
+}
+
+/// Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let status = state.service.store().pool_status();
+    let m = &state.metrics;
+    m.pool.with_label_values(&["size"]).set(status.size as i64);
+    m.pool
+        .with_label_values(&["available"])
+        .set(status.available as i64);
+    m.pool.with_label_values(&["waiting"]).set(status.waiting as i64);
+    if let Some(age) = state.service.global().age() {
+        m.state_age.set(age.as_secs_f64());
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(m.render())
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "OpenAPI 3 document", content_type = "application/json")))]
+pub async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().json(super::ApiDoc::openapi())
+}

@@ -1,0 +1,184 @@
+//! The HTTP edge: routes, extractors, body limits and error shapes.
+//! Handlers are thin: extract → authorise (by type) → call
+//! `SessionService` → map to JSON.
+
+pub mod admin;
+pub mod extract;
+pub mod health;
+pub mod introspect;
+pub mod sessions;
+pub mod verify;
+
+use std::sync::Arc;
+
+use actix_web::error::{JsonPayloadError, UrlencodedError};
+use actix_web::{HttpRequest, web};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::session::SessionService;
+use extract::ApiKeys;
+
+/// What every handler shares, through `web::Data`.
+pub struct AppState {
+    pub service: Arc<SessionService>,
+    pub api_keys: ApiKeys,
+    pub metrics: Arc<Metrics>,
+    pub cookie_name: String,
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sessiongate",
+        description = "Revocable sessions for token-based apps: signed JWTs backed by Redis records."
+    ),
+    paths(
+        verify::verify,
+        sessions::create, sessions::current, sessions::logout, sessions::list,
+        sessions::logout_others, sessions::logout_one, sessions::reauth,
+        admin::list_user, admin::revoke_user, admin::revoke_device, admin::revoke_session,
+        admin::logout_all, admin::rotate_key,
+        introspect::introspect,
+        health::healthz, health::readyz, health::metrics, health::openapi,
+    ),
+    modifiers(&SecuritySchemes)
+)]
+pub struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let bearer = |format: &str, description: &str| {
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format(format)
+                    .description(Some(description))
+                    .build(),
+            )
+        };
+        components.add_security_scheme(
+            "session_token",
+            bearer("JWT", "A user's token (or the configured cookie)."),
+        );
+        components.add_security_scheme(
+            "issuer_key",
+            bearer("API key", "A key of the login backend."),
+        );
+        components.add_security_scheme("admin_key", bearer("API key", "An operator key."));
+    }
+}
+
+/// Registers every route, with JSON errors for bad bodies and unknown routes.
+pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
+    let not_allowed = || web::to(|| async { Err::<String, _>(ApiError::MethodNotAllowed) });
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(body_limit)
+            .error_handler(json_error),
+    )
+    .app_data(
+        web::FormConfig::default()
+            .limit(body_limit)
+            .error_handler(form_error),
+    )
+    .app_data(web::PayloadConfig::new(body_limit))
+    .app_data(web::PathConfig::default().error_handler(|_, _| ApiError::NotFound.into()))
+    .app_data(web::QueryConfig::default().error_handler(|_, _| {
+        ApiError::InvalidRequest("malformed query string".into()).into()
+    }))
+    .service(
+        web::resource(["/v1/verify", "/v1/verify/{tail:.*}"]).route(web::route().to(verify::verify)),
+    )
+    .service(
+        web::resource("/v1/sessions")
+            .route(web::post().to(sessions::create))
+            .route(web::get().to(sessions::list))
+            .route(web::delete().to(sessions::logout_others))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/v1/sessions/current")
+            .route(web::get().to(sessions::current))
+            .route(web::delete().to(sessions::logout))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/v1/sessions/{session_id}")
+            .route(web::delete().to(sessions::logout_one))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/v1/sessions/{session_id}/reauth")
+            .route(web::post().to(sessions::reauth))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/v1/admin/users/{user_id}/sessions")
+            .route(web::get().to(admin::list_user))
+            .route(web::delete().to(admin::revoke_user))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/v1/admin/users/{user_id}/devices/{device_id}")
+            .route(web::delete().to(admin::revoke_device))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/v1/admin/sessions/{session_id}")
+            .route(web::delete().to(admin::revoke_session))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/v1/admin/logout-all")
+            .route(web::post().to(admin::logout_all))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/v1/admin/keys/rotate")
+            .route(web::post().to(admin::rotate_key))
+            .default_service(not_allowed()),
+    )
+    .service(
+        web::resource("/v1/introspect")
+            .route(web::post().to(introspect::introspect))
+            .default_service(not_allowed()),
+    )
+    .route("/healthz", web::get().to(health::healthz))
+    .route("/readyz", web::get().to(health::readyz))
+    .route("/metrics", web::get().to(health::metrics))
+    .route("/openapi.json", web::get().to(health::openapi))
+    .default_service(web::to(|| async { Err::<String, _>(ApiError::NoRoute) }));
+}
+
+fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+    let api = match &err {
+        JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
+            ApiError::PayloadTooLarge
+        }
+        JsonPayloadError::ContentType => {
+            ApiError::InvalidRequest("the body must be application/json".into())
+        }
+        JsonPayloadError::Deserialize(e) => ApiError::InvalidRequest(format!("malformed JSON: {e}")),
+        _ => ApiError::InvalidRequest("malformed request body".into()),
+    };
+    api.into()
+}
+
+fn form_error(err: UrlencodedError, _: &HttpRequest) -> actix_web::Error {
+    let api = match &err {
+        UrlencodedError::Overflow { .. } => ApiError::PayloadTooLarge,
+        UrlencodedError::ContentType => ApiError::InvalidRequest(
+            "the body must be application/x-www-form-urlencoded".into(),
+        ),
+        // The form carries a token: never echo its parse error.
+        _ => ApiError::InvalidRequest("malformed form body (token is required)".into()),
+    };
+    api.into()
+}

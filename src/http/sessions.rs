@@ -1,0 +1,274 @@
+//! Session endpoints for the login backend (create, reauth) and for the
+//! token holder (their own session and devices).
+
+use actix_web::{HttpResponse, web};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::extract::{BearerToken, IssuerPrincipal};
+use crate::domain::{DeviceId, Metadata, SessionId, UserId, UserTag};
+use crate::error::{ApiError, ErrorBody};
+use crate::session::{CreateRequest, Reauth};
+use crate::store::{Revoke, SessionRecord};
+
+/// Body of `POST /v1/sessions`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSessionBody {
+    /// The user id (1..=128 bytes, no control characters).
+    #[schema(example = "user-42")]
+    pub user_id: String,
+    /// The device id; a random one when absent. A second session for the same
+    /// (user, device) replaces the first.
+    #[schema(example = "laptop-7f3a")]
+    pub device_id: Option<String>,
+    /// When the user last proved their password (Unix seconds); now when absent.
+    pub auth_time: Option<i64>,
+    /// Free-form metadata (ip, user agent, label…): at most 16 entries, 4 KiB as JSON.
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// Answer of `POST /v1/sessions`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedBody {
+    /// The signed JWT to hand to the user.
+    pub token: String,
+    pub session_id: String,
+    pub user_id: String,
+    pub device_id: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds: the absolute end of the session and the token's `exp`.
+    pub expires_at: i64,
+    /// Unix seconds.
+    pub auth_time: i64,
+}
+
+/// One session as listed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionView {
+    pub session_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    pub device_id: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; updated at most once per touch interval.
+    pub last_seen_at: i64,
+    /// Unix seconds: the last password check.
+    pub auth_time: i64,
+    /// Unix seconds: the absolute end of the session.
+    pub expires_at: i64,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    /// Whether this is the session of the token used for the call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current: Option<bool>,
+}
+
+impl SessionView {
+    pub fn new(tag: &UserTag, r: SessionRecord, current: Option<bool>) -> SessionView {
+        SessionView {
+            session_id: format!("{}{}", tag.as_str(), r.field),
+            user_id: None,
+            device_id: r.device_id,
+            created_at: r.created_ms / 1000,
+            last_seen_at: r.last_seen_ms / 1000,
+            auth_time: r.auth_time_ms / 1000,
+            expires_at: r.expires_ms / 1000,
+            metadata: Metadata::to_json(&r.metadata),
+            current,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionList {
+    pub sessions: Vec<SessionView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Revoked {
+    /// How many live sessions were revoked.
+    pub revoked: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReauthBody {
+    pub session_id: String,
+    /// Unix seconds: now.
+    pub auth_time: i64,
+}
+
+/// Create a session (login).
+#[utoipa::path(
+    post, path = "/v1/sessions", tag = "sessions",
+    request_body = CreateSessionBody,
+    security(("issuer_key" = [])),
+    responses(
+        (status = 201, body = CreatedBody),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    )
+)]
+pub async fn create(
+    _: IssuerPrincipal,
+    state: web::Data<AppState>,
+    body: web::Json<CreateSessionBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let req = CreateRequest {
+        user: UserId::parse(&body.user_id).map_err(|e| ApiError::InvalidRequest(e.0))?,
+        device: body
+            .device_id
+            .as_deref()
+            .map(DeviceId::parse)
+            .transpose()
+            .map_err(|e| ApiError::InvalidRequest(e.0))?,
+        auth_time: body.auth_time,
+        metadata: Metadata::parse(body.metadata.as_ref())
+            .map_err(|e| ApiError::InvalidRequest(e.0))?,
+    };
+    let created = state.service.create(req).await?;
+    Ok(HttpResponse::Created()
+        .insert_header(("Cache-Control", "no-store"))
+        .json(CreatedBody {
+            token: created.token,
+            session_id: created.session.as_str().to_string(),
+            user_id: created.user.as_str().to_string(),
+            device_id: created.device.as_str().to_string(),
+            created_at: created.created_ms / 1000,
+            expires_at: created.expires_ms / 1000,
+            auth_time: created.auth_time_ms / 1000,
+        }))
+}
+
+/// The caller's own session.
+#[utoipa::path(
+    get, path = "/v1/sessions/current", tag = "sessions",
+    security(("session_token" = [])),
+    responses((status = 200, body = SessionView), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody))
+)]
+pub async fn current(
+    token: BearerToken,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let active = state.service.verify(&token.0, Reauth::Ignore, true).await?;
+    let record = active.record.ok_or(ApiError::StoreUnavailable)?;
+    let mut view = SessionView::new(&active.token.user.tag(), record, Some(true));
+    view.user_id = Some(active.token.user.as_str().to_string());
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// Log out on this device: this token never verifies again.
+#[utoipa::path(
+    delete, path = "/v1/sessions/current", tag = "sessions",
+    security(("session_token" = [])),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody))
+)]
+pub async fn logout(token: BearerToken, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    state.service.logout_current(&token.0).await?;
+    tracing::info!(target: "audit", action = "logout", outcome = "ok");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// The caller's sessions on every device.
+#[utoipa::path(
+    get, path = "/v1/sessions", tag = "sessions",
+    security(("session_token" = [])),
+    responses((status = 200, body = SessionList), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody))
+)]
+pub async fn list(token: BearerToken, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let active = state.service.verify(&token.0, Reauth::Ignore, false).await?;
+    let tag = active.token.user.tag();
+    let mine = active.token.session.field();
+    let sessions = state
+        .service
+        .list(&tag)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let current = r.field == mine;
+            SessionView::new(&tag, r, Some(current))
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(SessionList { sessions }))
+}
+
+/// Log out every other device of the caller (this one stays).
+#[utoipa::path(
+    delete, path = "/v1/sessions", tag = "sessions",
+    security(("session_token" = [])),
+    responses((status = 200, body = Revoked), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody))
+)]
+pub async fn logout_others(
+    token: BearerToken,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let active = state.service.verify(&token.0, Reauth::Ignore, false).await?;
+    let t = &active.token;
+    let revoked = state
+        .service
+        .revoke(
+            &t.user.tag(),
+            Revoke::AllExcept(Some(t.session.field())),
+            "logout_others",
+        )
+        .await?;
+    tracing::info!(target: "audit", action = "logout_others", revoked, outcome = "ok");
+    Ok(HttpResponse::Ok().json(Revoked { revoked }))
+}
+
+/// Log out one of the caller's devices.
+#[utoipa::path(
+    delete, path = "/v1/sessions/{session_id}", tag = "sessions",
+    params(("session_id" = String, Path)),
+    security(("session_token" = [])),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody))
+)]
+pub async fn logout_one(
+    token: BearerToken,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let active = state.service.verify(&token.0, Reauth::Ignore, false).await?;
+    let tag = active.token.user.tag();
+    let target = SessionId::parse(&path).map_err(|_| ApiError::NotFound)?;
+    if !target.belongs_to(&tag) {
+        return Err(ApiError::NotFound);
+    }
+    let n = state
+        .service
+        .revoke(&tag, Revoke::One(target.field()), "logout_device")
+        .await?;
+    if n == 0 {
+        return Err(ApiError::NotFound);
+    }
+    tracing::info!(target: "audit", action = "logout_device", outcome = "ok");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// The login backend re-checked the password: `auth_time` becomes now.
+#[utoipa::path(
+    post, path = "/v1/sessions/{session_id}/reauth", tag = "sessions",
+    params(("session_id" = String, Path)),
+    security(("issuer_key" = [])),
+    responses((status = 200, body = ReauthBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody))
+)]
+pub async fn reauth(
+    _: IssuerPrincipal,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let session = SessionId::parse(&path).map_err(|_| ApiError::NotFound)?;
+    let auth_ms = state.service.reauth(&session).await?;
+    Ok(HttpResponse::Ok().json(ReauthBody {
+        session_id: session.as_str().to_string(),
+        auth_time: auth_ms / 1000,
+    }))
+}

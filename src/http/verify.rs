@@ -1,0 +1,124 @@
+//! `ANY /v1/verify[/{tail}]`: the gateway check on every request.
+
+use std::time::Instant;
+
+use actix_web::http::header::{CACHE_CONTROL, HeaderName, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::AppState;
+use super::extract::BearerToken;
+use crate::error::ApiError;
+use crate::metrics::VerifyOutcome;
+use crate::session::{Reauth, ServiceError};
+
+pub const X_SESSION_USER: HeaderName = HeaderName::from_static("x-session-user");
+pub const X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
+pub const X_SESSION_DEVICE: HeaderName = HeaderName::from_static("x-session-device");
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct VerifyQuery {
+    /// Demand a password check at most this many seconds old for this route
+    /// (it can only tighten `reauth_after`).
+    pub max_age: Option<u64>,
+}
+
+/// Verify a user's token: signature in-process, then the session in Redis.
+#[utoipa::path(
+    get,
+    path = "/v1/verify",
+    tag = "verify",
+    params(VerifyQuery),
+    security(("session_token" = [])),
+    description = "Any method is accepted, and `/v1/verify/{tail}` behaves the same \
+        (for gateways that append the original path). The token comes from \
+        `Authorization: Bearer`, else from the configured cookie.",
+    responses(
+        (status = 200, description = "The session is alive",
+            headers(
+                ("X-Session-User" = String, description = "user id"),
+                ("X-Session-Id" = String, description = "session id"),
+                ("X-Session-Device" = String, description = "device id"),
+            )),
+        (status = 400, description = "Bad max_age", body = crate::error::ErrorBody),
+        (status = 401, description = "invalid_token or insufficient_user_authentication", body = crate::error::ErrorBody),
+        (status = 503, description = "store_unavailable", body = crate::error::ErrorBody),
+    )
+)]
+pub async fn verify(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let result = verify_inner(&req, &state).await;
+    let outcome = match &result {
+        Ok(_) => VerifyOutcome::Ok,
+        Err(ApiError::InvalidToken) => VerifyOutcome::InvalidToken,
+        Err(ApiError::InsufficientAuth { .. }) => VerifyOutcome::InsufficientAuth,
+        Err(ApiError::StoreUnavailable) => VerifyOutcome::StoreUnavailable,
+        Err(_) => VerifyOutcome::BadRequest,
+    };
+    state
+        .metrics
+        .verify(outcome, started.elapsed().as_secs_f64());
+    result
+}
+
+async fn verify_inner(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, ApiError> {
+    let max_age = max_age(req.query_string())?;
+    let BearerToken(token) = BearerToken::from_request_parts(req)?;
+    let active = state
+        .service
+        .verify(&token, Reauth::Enforce { max_age }, false)
+        .await
+        .map_err(ApiError::from)?;
+    let t = &active.token;
+    let header = |v: &str| HeaderValue::from_str(v).map_err(|_| ServiceError::SessionGone);
+    Ok(HttpResponse::Ok()
+        .insert_header((X_SESSION_USER, header(t.user.as_str())?))
+        .insert_header((X_SESSION_ID, header(t.session.as_str())?))
+        .insert_header((X_SESSION_DEVICE, header(t.device.as_str())?))
+        .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")))
+        .finish())
+}
+
+/// Reads `max_age` from the query string, ignoring every other parameter
+/// (gateways may forward the original request's query).
+fn max_age(query: &str) -> Result<Option<u64>, ApiError> {
+    if !query.contains("max_age") {
+        return Ok(None);
+    }
+    let parsed: VerifyQuery = serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+        .map_err(|_| ApiError::InvalidRequest("malformed query string".into()))
+        .and_then(|pairs| {
+            let mut max_age = None;
+            for (k, v) in pairs {
+                if k == "max_age" {
+                    if max_age.is_some() {
+                        return Err(ApiError::InvalidRequest("max_age given twice".into()));
+                    }
+                    max_age = Some(v.parse::<u64>().map_err(|_| {
+                        ApiError::InvalidRequest(
+                            "max_age must be a whole number of seconds".into(),
+                        )
+                    })?);
+                }
+            }
+            Ok(VerifyQuery { max_age })
+        })?;
+    Ok(parsed.max_age)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_age;
+
+    #[test]
+    fn max_age_is_read_alone_and_strictly() {
+        assert_eq!(max_age("").unwrap(), None);
+        assert_eq!(max_age("page=2&x=y").unwrap(), None);
+        assert_eq!(max_age("max_age=300").unwrap(), Some(300));
+        assert_eq!(max_age("a=1&max_age=0").unwrap(), Some(0));
+        assert!(max_age("max_age=-1").is_err());
+        assert!(max_age("max_age=abc").is_err());
+        assert!(max_age("max_age=1&max_age=2").is_err());
+    }
+}

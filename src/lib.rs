@@ -1,0 +1,32 @@
+//! sessiongate: revocable sessions for token-based apps.
+//!
+//! A login backend creates a session (a record in Redis) and gets a signed
+//! JWT pointing at it; gateways call `/v1/verify` on every request, which
+//! checks the signature in-process and the record in Redis in one round
+//! trip. Deleting the record is a logout that takes effect on the next
+//! request. The contract is `API.md`; this crate is the service.
+//!
+//! # Layout
+//! - [`config`]: settings (defaults, TOML, `SESSIONGATE_*`), validated once.
+//! - [`startup`]: `Application::build` wires everything and serves.
+//! - [`telemetry`]: the tracing subscriber.
+//! - [`metrics`]: Prometheus metric names and the per-app registry.
+//! - [`error`]: `ApiError`, the single error type at the HTTP edge.
+//! - [`domain`]: ids and metadata, parsed and validated once.
+//! - [`token`]: JWT signing/verification and the key ring.
+//! - [`state`]: the cached global state (key ring, logout-all cutoff).
+//! - [`session`]: `SessionService`, every use case.
+//! - [`store`]: Redis: key schema, Lua scripts, connections.
+//! - [`http`]: routes, extractors, handlers, the OpenAPI document.
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod session;
+pub mod startup;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod token;

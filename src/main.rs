@@ -1,0 +1,102 @@
+//! The `sessiongate` binary: `sessiongate serve` runs the service.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sessiongate::config::Settings;
+use sessiongate::startup::Application;
+
+#[derive(Parser)]
+#[command(version, about = "Revocable sessions for token-based apps")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (settings from config/default.toml, SESSIONGATE_CONFIG
+    /// and SESSIONGATE_* variables).
+    Serve,
+    /// Revoke every session created at or before a time, on every instance:
+    /// for Redis restored from a backup that predates logouts.
+    RevokeBefore {
+        /// Unix seconds, or "now".
+        at: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sessiongate: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    sessiongate::telemetry::init(&settings.log_level, settings.log_format);
+    let result = actix_web::rt::System::new().block_on(async move {
+        match cli.command {
+            Command::Serve => serve(settings).await,
+            Command::RevokeBefore { at } => revoke_before(settings, &at).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sessiongate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> Result<(), String> {
+    let app = Application::build(settings.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        listen = %settings.listen,
+        port = app.port(),
+        redis = %redact_url(&settings.redis_url),
+        "sessiongate serving"
+    );
+    app.run_until_stopped().await.map_err(|e| e.to_string())
+}
+
+async fn revoke_before(settings: Settings, at: &str) -> Result<(), String> {
+    let at_ms = match at {
+        "now" => None,
+        secs => Some(
+            secs.parse::<i64>()
+                .map_err(|_| format!("{secs:?} is not Unix seconds or \"now\""))?
+                * 1000,
+        ),
+    };
+    let metrics = std::sync::Arc::new(sessiongate::metrics::Metrics::new());
+    let store = sessiongate::store::Store::new(
+        &settings.redis_url,
+        settings.redis_timeout,
+        1,
+        sessiongate::store::KeySchema::new(&settings.key_prefix),
+        metrics,
+    )
+    .map_err(|e| e.to_string())?;
+    let record = store
+        .global(sessiongate::store::GlobalOp::Cutoff { at_ms })
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "global cutoff is now {} ms: every session created at or before it is revoked",
+        record.cutoff_ms
+    );
+    Ok(())
+}
+
+/// The Redis URL without its password, for logs.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &url[..scheme], &url[at..]),
+        _ => url.to_string(),
+    }
+}

@@ -1,0 +1,374 @@
+//! `SessionService`: every use case, between the HTTP handlers and the store.
+//!
+//! Verify is the hot path: the token is checked in-process against the cached
+//! key ring (no Redis call for a bad token), then one script confirms the
+//! session in Redis. Nothing is answered "valid" unless Redis confirmed the
+//! session during this call.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::Settings;
+use crate::domain::{DeviceId, InvalidInput, Metadata, SessionId, UserId, UserTag};
+use crate::metrics::Metrics;
+use crate::state::{Global, GlobalState};
+use crate::store::{
+    GlobalOp, Liveness, NewSession, Revoke, SessionRecord, Store, StoreError,
+};
+use crate::token::{Claims, TokenCodec, TokenError, VerifiedToken, new_kid};
+
+/// Milliseconds since the Unix epoch, from this host's clock.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Why a use case failed; `http::error` maps each to a status and code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("invalid token: {0}")]
+    InvalidToken(TokenError),
+    #[error("session not alive")]
+    SessionGone,
+    #[error("password re-entry required (max_age {max_age}s)")]
+    InsufficientAuth { max_age: u64 },
+    #[error("not found")]
+    NotFound,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<InvalidInput> for ServiceError {
+    fn from(e: InvalidInput) -> Self {
+        ServiceError::InvalidRequest(e.0)
+    }
+}
+
+/// Session policy, from settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub idle: Duration,
+    pub absolute: Duration,
+    pub reauth_after: Duration,
+    pub max_per_user: u32,
+    pub touch: Duration,
+    pub leeway: Duration,
+}
+
+/// A login to record.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub user: UserId,
+    pub device: Option<DeviceId>,
+    /// Seconds since the epoch; `None` means now.
+    pub auth_time: Option<i64>,
+    pub metadata: Metadata,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreatedSession {
+    pub token: String,
+    pub session: SessionId,
+    pub user: UserId,
+    pub device: DeviceId,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub auth_time_ms: i64,
+}
+
+/// A session confirmed alive by Redis during this request.
+#[derive(Debug, Clone)]
+pub struct ActiveSession {
+    pub token: VerifiedToken,
+    pub created_ms: i64,
+    pub auth_time_ms: i64,
+    pub now_ms: i64,
+    pub record: Option<SessionRecord>,
+}
+
+/// How a verify should treat the re-authentication policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reauth {
+    /// Apply `reauth_after`, tightened by the route's `max_age` if given.
+    Enforce { max_age: Option<u64> },
+    /// Session liveness only (logout, listing, introspection).
+    Ignore,
+}
+
+pub struct SessionService {
+    store: Arc<Store>,
+    global: Arc<Global>,
+    codec: TokenCodec,
+    policy: Policy,
+    metrics: Arc<Metrics>,
+}
+
+impl SessionService {
+    pub fn new(
+        settings: &Settings,
+        store: Arc<Store>,
+        global: Arc<Global>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        SessionService {
+            codec: TokenCodec::new(
+                settings.jwt_algorithm,
+                &settings.issuer,
+                settings.clock_leeway.as_secs(),
+                settings.max_token_bytes,
+            ),
+            policy: Policy {
+                idle: settings.idle_timeout,
+                absolute: settings.absolute_lifetime,
+                reauth_after: settings.reauth_after,
+                max_per_user: settings.max_sessions_per_user,
+                touch: settings.effective_touch_interval(),
+                leeway: settings.clock_leeway,
+            },
+            store,
+            global,
+            metrics,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn global(&self) -> &Global {
+        &self.global
+    }
+
+    pub fn issuer(&self) -> &str {
+        self.codec.issuer()
+    }
+
+    fn liveness(&self, state: &GlobalState) -> Liveness {
+        Liveness {
+            idle_ms: self.policy.idle.as_millis() as i64,
+            cutoff_ms: state.cutoff_ms,
+        }
+    }
+
+    /// Records a login and returns its token. The token is only handed out
+    /// after Redis stored the record.
+    pub async fn create(&self, req: CreateRequest) -> Result<CreatedSession, ServiceError> {
+        let now = now_ms();
+        if let Some(t) = req.auth_time {
+            if t < 0 {
+                return Err(ServiceError::InvalidRequest(
+                    "auth_time must not be negative".into(),
+                ));
+            }
+            if t.saturating_mul(1000) > now + self.policy.leeway.as_millis() as i64 {
+                return Err(ServiceError::InvalidRequest(
+                    "auth_time must not be in the future".into(),
+                ));
+            }
+        }
+        let state = self.global.snapshot()?;
+        let device = req.device.unwrap_or_else(DeviceId::random);
+        let session = SessionId::generate(&req.user.tag());
+        let created = self
+            .store
+            .create(
+                NewSession {
+                    user: &req.user,
+                    session: &session,
+                    device: &device,
+                    auth_time_ms: req.auth_time.map(|t| t * 1000),
+                    metadata: req.metadata.as_stored(),
+                    absolute_ms: self.policy.absolute.as_millis() as i64,
+                    max_per_user: self.policy.max_per_user,
+                },
+                self.liveness(&state),
+            )
+            .await?;
+        self.metrics.sessions_created.inc();
+        if created.evicted > 0 {
+            self.metrics
+                .revoked("evicted_over_cap", created.evicted as u64);
+        }
+        if created.replaced > 0 {
+            self.metrics
+                .revoked("replaced_same_device", created.replaced as u64);
+        }
+        let claims = Claims {
+            sub: req.user.as_str().to_string(),
+            sid: session.as_str().to_string(),
+            did: device.as_str().to_string(),
+            iss: self.codec.issuer().to_string(),
+            iat: (created.created_ms / 1000) as u64,
+            exp: (created.expires_ms / 1000) as u64,
+            nbf: None,
+        };
+        let token = self.codec.sign(&state.ring, &claims);
+        Ok(CreatedSession {
+            token,
+            session,
+            user: req.user,
+            device,
+            created_ms: created.created_ms,
+            expires_ms: created.expires_ms,
+            auth_time_ms: created.auth_time_ms,
+        })
+    }
+
+    /// Checks a token in-process only (no Redis).
+    pub fn check_token(&self, token: &str) -> Result<(VerifiedToken, Arc<GlobalState>), ServiceError> {
+        let state = self.global.snapshot()?;
+        let verified = self
+            .codec
+            .verify(&state.ring, token, now_ms())
+            .map_err(ServiceError::InvalidToken)?;
+        Ok((verified, state))
+    }
+
+    /// The full check: token in-process, then one Redis round trip.
+    pub async fn verify(
+        &self,
+        token: &str,
+        reauth: Reauth,
+        full_record: bool,
+    ) -> Result<ActiveSession, ServiceError> {
+        let (verified, state) = self.check_token(token)?;
+        let touch_ms = match reauth {
+            // Introspection and listing are not user activity… but verify is.
+            Reauth::Enforce { .. } => self.policy.touch.as_millis() as i64,
+            Reauth::Ignore => -1,
+        };
+        let live = self
+            .store
+            .verify(
+                &verified.user,
+                &verified.session,
+                &verified.device,
+                self.liveness(&state),
+                touch_ms,
+                full_record,
+            )
+            .await?
+            .ok_or(ServiceError::SessionGone)?;
+        if let Reauth::Enforce { max_age } = reauth {
+            let mut limit_s = self.policy.reauth_after.as_secs();
+            if let Some(max_age) = max_age {
+                limit_s = limit_s.min(max_age);
+            }
+            let age_ms = live.now_ms - live.auth_time_ms;
+            if age_ms > (limit_s as i64).saturating_mul(1000) {
+                return Err(ServiceError::InsufficientAuth { max_age: limit_s });
+            }
+        }
+        Ok(ActiveSession {
+            token: verified,
+            created_ms: live.created_ms,
+            auth_time_ms: live.auth_time_ms,
+            now_ms: live.now_ms,
+            record: live.record,
+        })
+    }
+
+    /// Logout on this device: the token's own session is deleted.
+    pub async fn logout_current(&self, token: &str) -> Result<(), ServiceError> {
+        let (verified, state) = self.check_token(token)?;
+        let n = self
+            .store
+            .revoke(
+                &verified.session.user_tag(),
+                Revoke::One(verified.session.field()),
+                self.liveness(&state),
+            )
+            .await?;
+        if n == 0 {
+            return Err(ServiceError::SessionGone);
+        }
+        self.metrics.revoked("logout", n);
+        Ok(())
+    }
+
+    /// Every live session of a user.
+    pub async fn list(&self, user: &UserTag) -> Result<Vec<SessionRecord>, ServiceError> {
+        let state = self.global.snapshot()?;
+        Ok(self.store.list(user, self.liveness(&state)).await?)
+    }
+
+    /// Revokes sessions of one user; returns how many live ones went.
+    pub async fn revoke(
+        &self,
+        user: &UserTag,
+        which: Revoke<'_>,
+        how: &str,
+    ) -> Result<u64, ServiceError> {
+        let state = self.global.snapshot()?;
+        let n = self
+            .store
+            .revoke(user, which, self.liveness(&state))
+            .await?;
+        self.metrics.revoked(how, n);
+        Ok(n)
+    }
+
+    /// The login backend re-checked the password.
+    pub async fn reauth(&self, session: &SessionId) -> Result<i64, ServiceError> {
+        let state = self.global.snapshot()?;
+        self.store
+            .reauth(session, self.liveness(&state))
+            .await?
+            .ok_or(ServiceError::NotFound)
+    }
+
+    /// Revokes every session created up to now (or up to `at_ms`), here at
+    /// once and on other instances within `state_refresh_interval`. Records
+    /// are then purged in the background, in bounded batches.
+    pub async fn logout_all(self: &Arc<Self>, at_ms: Option<i64>) -> Result<i64, ServiceError> {
+        let started = std::time::Instant::now();
+        let record = self.store.global(GlobalOp::Cutoff { at_ms }).await?;
+        let cutoff = record.cutoff_ms;
+        self.global.apply(record, started)?;
+        self.metrics.revoked("logout_all", 0);
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let live = Liveness {
+                idle_ms: this.policy.idle.as_millis() as i64,
+                cutoff_ms: cutoff,
+            };
+            match this.store.purge_before(cutoff, live).await {
+                Ok(n) => {
+                    this.metrics.revoked("logout_all", n);
+                    tracing::info!(purged = n, "logout-all purge finished");
+                }
+                Err(e) => tracing::warn!(error = %e, "logout-all purge stopped; records expire by TTL"),
+            }
+        });
+        Ok(cutoff)
+    }
+
+    /// Starts signing with a new key; older keys verify until they retire.
+    pub async fn rotate_key(&self) -> Result<String, ServiceError> {
+        let started = std::time::Instant::now();
+        let kid = new_kid();
+        let retire_after = self.policy.absolute + self.policy.leeway + Duration::from_secs(1);
+        let record = self
+            .store
+            .global(GlobalOp::Rotate {
+                kid: &kid,
+                retire_after_ms: retire_after.as_millis() as i64,
+            })
+            .await?;
+        self.global.apply(record, started)?;
+        Ok(kid)
+    }
+
+    /// RFC 7662 introspection: `None` when the token is not active.
+    pub async fn introspect(&self, token: &str) -> Result<Option<ActiveSession>, ServiceError> {
+        match self.verify(token, Reauth::Ignore, true).await {
+            Ok(active) => Ok(Some(active)),
+            Err(ServiceError::Store(e)) => Err(ServiceError::Store(e)),
+            Err(_) => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The global state every instance caches: the signing key ring and the
+//! logout-all cutoff. It lives in one small Redis hash; each instance keeps a
+//! copy, refreshed when a change is announced on the events channel
+//! (pub/sub) and, as a fallback, every `state_refresh_interval`.
+//!
+//! Fail closed: when the copy is older than `state_max_staleness` (Redis
+//! unreachable, refresher stuck), `snapshot` refuses and verify answers 503;
+//! it never carries on as if there were no cutoff. When the state is missing
+//! from Redis (first start, or Redis lost its data) it is initialised with a
+//! new key id and a cutoff of "now", so nothing issued before is accepted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use futures_util::StreamExt;
+use jsonwebtoken::Algorithm;
+use tokio::sync::Notify;
+
+use crate::config::Secret;
+use crate::store::{GlobalOp, GlobalRecord, Store, StoreError};
+use crate::token::{KeyRing, new_kid};
+
+/// One consistent copy of the global state.
+pub struct GlobalState {
+    pub cutoff_ms: i64,
+    pub ring: Arc<KeyRing>,
+    ring_json: String,
+    /// When the read that produced this copy was sent.
+    pub fetched_at: Instant,
+}
+
+pub struct Global {
+    current: ArcSwapOption<GlobalState>,
+    wake: Notify,
+    secret: Secret,
+    alg: Algorithm,
+    max_staleness: Duration,
+}
+
+impl Global {
+    pub fn new(secret: Secret, alg: Algorithm, max_staleness: Duration) -> Global {
+        Global {
+            current: ArcSwapOption::empty(),
+            wake: Notify::new(),
+            secret,
+            alg,
+            max_staleness,
+        }
+    }
+
+    /// The current copy, if fresh enough to act on.
+    pub fn snapshot(&self) -> Result<Arc<GlobalState>, StoreError> {
+        match self.current.load_full() {
+            Some(state) if state.fetched_at.elapsed() <= self.max_staleness => Ok(state),
+            Some(_) => Err(StoreError::Timeout(self.max_staleness)),
+            None => Err(StoreError::Connection(
+                "global state not loaded yet".into(),
+            )),
+        }
+    }
+
+    /// Age of the cached copy, for metrics.
+    pub fn age(&self) -> Option<Duration> {
+        self.current.load().as_ref().map(|s| s.fetched_at.elapsed())
+    }
+
+    /// Installs a state read from Redis at `fetched_at`. A copy never moves
+    /// backwards: the cutoff only rises.
+    pub fn apply(&self, record: GlobalRecord, fetched_at: Instant) -> Result<(), StoreError> {
+        let previous = self.current.load_full();
+        let ring = match &previous {
+            Some(p) if p.ring_json == record.ring_json => p.ring.clone(),
+            _ => Arc::new(
+                KeyRing::from_json(&record.ring_json, self.secret.expose().as_bytes(), self.alg)
+                    .map_err(StoreError::Protocol)?,
+            ),
+        };
+        let cutoff_ms = match &previous {
+            Some(p) if p.fetched_at > fetched_at => {
+                // A newer copy was installed meanwhile: keep it, but never lose a
+                // higher cutoff.
+                if record.cutoff_ms <= p.cutoff_ms {
+                    return Ok(());
+                }
+                record.cutoff_ms
+            }
+            _ => record.cutoff_ms,
+        };
+        self.current.store(Some(Arc::new(GlobalState {
+            cutoff_ms,
+            ring,
+            ring_json: record.ring_json,
+            fetched_at,
+        })));
+        Ok(())
+    }
+
+    /// Reads the state from Redis (initialising what is missing) and installs it.
+    pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let record = match store.read_global().await? {
+            (Some(cutoff_ms), Some(ring_json)) => GlobalRecord {
+                cutoff_ms,
+                ring_json,
+                now_ms: 0,
+            },
+            _ => {
+                tracing::warn!("global state missing in Redis: initialising it (new key id, cutoff now)");
+                store.global(GlobalOp::Init { kid: &new_kid() }).await?
+            }
+        };
+        self.apply(record, started)
+    }
+
+    /// Asks the refresher to re-read now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Re-reads the state every `interval`, or at once when woken.
+    pub async fn run_refresher(self: Arc<Self>, store: Arc<Store>, interval: Duration) {
+        loop {
+            if let Err(e) = self.refresh(&store).await {
+                tracing::warn!(error = %e, "cannot refresh the global state");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Listens on the events channel and wakes the refresher on every
+    /// message; reconnects with a short backoff when the connection drops.
+    pub async fn run_listener(self: Arc<Self>, store: Arc<Store>) {
+        loop {
+            match store.subscribe_events().await {
+                Ok(pubsub) => {
+                    // Anything may have changed while we were not listening.
+                    self.wake();
+                    let mut messages = pubsub.into_on_message();
+                    while messages.next().await.is_some() {
+                        self.wake();
+                    }
+                    tracing::warn!("events subscription ended; reconnecting");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot subscribe to events"),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}

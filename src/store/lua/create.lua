@@ -1,0 +1,57 @@
+-- create.lua: stores a new session for a user, atomically:
+--   * prunes the user's dead records (expired, idle, before the cutoff),
+--   * replaces the user's session on the same device,
+--   * evicts least-recently-used sessions down to the cap,
+--   * sets the hash expiry to the latest deadline of what remains.
+--
+-- KEYS[1]  user hash
+-- ARGV[1]  session field  ARGV[2] user id  ARGV[3] device id
+-- ARGV[4]  auth_time ms ("" = now)         ARGV[5] metadata JSON ("" = none)
+-- ARGV[6]  idle timeout ms  ARGV[7] absolute lifetime ms
+-- ARGV[8]  max sessions per user  ARGV[9] global cutoff ms
+-- Returns  {created_ms, expires_ms, auth_time_ms, replaced, evicted}
+--          or an error reply when the user tag collides with another user.
+local key = KEYS[1]
+local now = now_ms()
+local idle, cap, cutoff = tonumber(ARGV[6]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local owner = redis.call('HGET', key, '!u')
+if owner and owner ~= ARGV[2] then
+  return redis.error_reply('ERR sessiongate user tag collision')
+end
+local live, replaced, evicted = {}, 0, 0
+local all = redis.call('HGETALL', key)
+for i = 1, #all, 2 do
+  local f = all[i]
+  if is_session_field(f) then
+    local rec = cmsgpack.unpack(all[i + 1])
+    if not alive(rec, now, idle, cutoff) then
+      redis.call('HDEL', key, f)
+    elseif rec[5] == ARGV[3] then
+      redis.call('HDEL', key, f)
+      replaced = replaced + 1
+    else
+      live[#live + 1] = {f, rec[2], deadline(rec, idle)}
+    end
+  end
+end
+-- least recently used first
+table.sort(live, function(a, b) return a[2] < b[2] end)
+local first = 1
+while #live - first + 1 >= cap do
+  redis.call('HDEL', key, live[first][1])
+  first = first + 1
+  evicted = evicted + 1
+end
+local auth = now
+if ARGV[4] ~= '' then
+  auth = math.min(tonumber(ARGV[4]), now)
+end
+local expires = now + tonumber(ARGV[7])
+local rec = {now, now, auth, expires, ARGV[3], ARGV[5]}
+redis.call('HSET', key, '!u', ARGV[2], ARGV[1], cmsgpack.pack(rec))
+local until_ms = deadline(rec, idle)
+for i = first, #live do
+  until_ms = math.max(until_ms, live[i][3])
+end
+redis.call('PEXPIREAT', key, until_ms)
+return {now, expires, auth, replaced, evicted}

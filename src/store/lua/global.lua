@@ -1,0 +1,62 @@
+-- global.lua: the small global state every instance caches, one hash
+-- (key `<prefix>global`, no TTL):
+--   cutoff -> ms; sessions created at or before it are revoked (logout-all)
+--   ring   -> JSON {"active": kid, "keys": [{"kid": kid, "retire_at": ms or 0}]}
+-- Key material never lives here: signing keys derive from the secret and kid.
+-- Every change is published on the events channel so instances re-read it.
+--
+-- KEYS[1]  global hash
+-- ARGV[1]  op: "init"   - create what is missing (ring with kid ARGV[2];
+--                         cutoff = now, so lost state never means "no cutoff")
+--               "rotate" - new active kid ARGV[2]; the old one retires at
+--                         now + ARGV[3] ms; retired kids are dropped
+--               "cutoff" - cutoff := max(cutoff, ARGV[2] or now if "")
+-- ARGV[4]  events channel
+-- Returns  {cutoff_ms, ring_json, now_ms}
+local key, op = KEYS[1], ARGV[1]
+local now = now_ms()
+local changed = false
+local cutoff = tonumber(redis.call('HGET', key, 'cutoff') or '')
+if not cutoff then
+  cutoff = now
+  redis.call('HSET', key, 'cutoff', cutoff)
+  changed = true
+end
+local ring_json = redis.call('HGET', key, 'ring')
+local ring
+if ring_json then
+  ring = cjson.decode(ring_json)
+else
+  ring = {active = ARGV[2], keys = {{kid = ARGV[2], retire_at = 0}}}
+  changed = true
+end
+if op == 'rotate' and ring.active ~= ARGV[2] then
+  local keep = {}
+  for _, k in ipairs(ring.keys) do
+    if k.kid == ring.active then
+      k.retire_at = now + tonumber(ARGV[3])
+    end
+    if k.retire_at == 0 or k.retire_at > now then
+      keep[#keep + 1] = k
+    end
+  end
+  keep[#keep + 1] = {kid = ARGV[2], retire_at = 0}
+  ring = {active = ARGV[2], keys = keep}
+  changed = true
+elseif op == 'cutoff' then
+  local wanted = now
+  if ARGV[2] ~= '' then
+    wanted = tonumber(ARGV[2])
+  end
+  if wanted > cutoff then
+    cutoff = wanted
+    redis.call('HSET', key, 'cutoff', cutoff)
+    changed = true
+  end
+end
+if changed then
+  ring_json = cjson.encode(ring)
+  redis.call('HSET', key, 'ring', ring_json)
+  redis.call('PUBLISH', ARGV[4], op)
+end
+return {cutoff, ring_json, now}

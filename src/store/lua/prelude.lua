@@ -1,0 +1,35 @@
+-- prelude.lua: shared helpers, prepended to every session script.
+--
+-- A user's sessions live in ONE hash (key `<prefix>u{<user tag>}`), so every
+-- per-user operation is a single-slot atomic script (Redis Cluster ready):
+--   field "!u"        -> the user id (guards against a tag collision)
+--   field <22 chars>  -> a session record, MessagePack array:
+--       {created_ms, last_seen_ms, auth_time_ms, expires_ms, device_id, metadata_json}
+-- All times come from Redis TIME, so every instance shares one clock.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- A record is alive while it is within its absolute lifetime, was seen within
+-- the idle timeout, and was created after the global logout-all cutoff.
+local function alive(rec, now, idle, cutoff)
+  return rec[4] > now and rec[2] + idle > now and rec[1] > cutoff
+end
+
+-- When the record stops being alive by time alone.
+local function deadline(rec, idle)
+  return math.min(rec[4], rec[2] + idle)
+end
+
+local function is_session_field(f)
+  return string.byte(f, 1) ~= 33 -- '!'
+end
+
+-- Drops the hash when no session is left in it (only "!u" remains).
+local function drop_if_empty(key)
+  if redis.call('HLEN', key) <= 1 then
+    redis.call('DEL', key)
+  end
+end

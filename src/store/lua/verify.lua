@@ -1,0 +1,42 @@
+-- verify.lua: the hot path. Confirms one session in one round trip, and
+-- slides its idle expiry at most once per touch interval (otherwise it is
+-- read-only, so AOF `appendfsync always` costs verify nothing).
+-- Never re-creates a record: it writes only after finding one, atomically.
+--
+-- KEYS[1]  user hash
+-- ARGV[1]  session field   ARGV[2] user id      ARGV[3] device id
+-- ARGV[4]  idle timeout ms ARGV[5] touch interval ms (-1: never touch)
+-- ARGV[6]  global cutoff ms ARGV[7] "1" to return the full record
+-- Returns  {0} when the session is not alive (gone, expired, revoked, or not
+--          this user's / device's); else
+--          {1, field, device_id, created_ms, auth_time_ms, now_ms
+--           [, last_seen_ms, expires_ms, metadata_json]}
+local key, field = KEYS[1], ARGV[1]
+local blob = redis.call('HGET', key, field)
+if not blob then
+  return {0}
+end
+local now = now_ms()
+local idle = tonumber(ARGV[4])
+local rec = cmsgpack.unpack(blob)
+if not alive(rec, now, idle, tonumber(ARGV[6])) then
+  redis.call('HDEL', key, field)
+  drop_if_empty(key)
+  return {0}
+end
+if rec[5] ~= ARGV[3] or redis.call('HGET', key, '!u') ~= ARGV[2] then
+  return {0}
+end
+local touch = tonumber(ARGV[5])
+if touch >= 0 and now - rec[2] >= touch then
+  rec[2] = now
+  redis.call('HSET', key, field, cmsgpack.pack(rec))
+  local want = deadline(rec, idle)
+  if redis.call('PTTL', key) < want - now then
+    redis.call('PEXPIREAT', key, want)
+  end
+end
+if ARGV[7] == '1' then
+  return {1, field, rec[5], rec[1], rec[3], now, rec[2], rec[4], rec[6]}
+end
+return {1, field, rec[5], rec[1], rec[3], now}

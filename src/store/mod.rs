@@ -1,0 +1,590 @@
+//! The Redis store: every session operation is one atomic Lua script on one
+//! user's hash (see [`keys`] for the schema and `lua/` for the scripts, each
+//! with a header naming its KEYS, ARGV and reply).
+//!
+//! Connections: the request path shares one multiplexed connection (commands
+//! from every worker are pipelined on it), taken out of a deadpool-redis pool
+//! that owns connecting and its timeouts. Checking a connection out of the
+//! pool per request would cost a PING round trip each time. A broken or
+//! repeatedly timing-out connection is dropped and the next call takes a
+//! fresh one, so recovery needs no restart. Bulk work (the logout-all purge)
+//! uses pooled connections, so it never queues ahead of verifies.
+//!
+//! Every call is bounded by `redis_timeout`: pool wait, connect and reply.
+
+pub mod keys;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use deadpool_redis::{Manager, Pool, Runtime};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, FromRedisValue, Script, ScriptInvocation, Value};
+
+use crate::domain::{DeviceId, SessionId, UserId, UserTag};
+use crate::metrics::Metrics;
+pub use keys::KeySchema;
+
+macro_rules! script {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("lua/prelude.lua"),
+            include_str!(concat!("lua/", $file))
+        ))
+    };
+}
+
+/// After this many timeouts in a row the shared connection is replaced.
+const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
+
+/// Why the store could not answer. Every kind means 503 to the client.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot reach Redis: {0}")]
+    Connection(String),
+    #[error("Redis refused the command: {0}")]
+    Refused(String),
+    #[error("unexpected reply from Redis: {0}")]
+    Protocol(String),
+}
+
+impl StoreError {
+    fn from_redis(e: &redis::RedisError) -> StoreError {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+            StoreError::Connection(e.to_string())
+        } else if e.is_timeout() {
+            StoreError::Timeout(Duration::ZERO)
+        } else {
+            StoreError::Refused(e.to_string())
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Connection(_) => "connection",
+            StoreError::Refused(_) => "refused",
+            StoreError::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// A session as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The random part of the session id (its field in the user hash).
+    pub field: String,
+    pub created_ms: i64,
+    pub last_seen_ms: i64,
+    pub auth_time_ms: i64,
+    pub expires_ms: i64,
+    pub device_id: String,
+    pub metadata: String,
+}
+
+/// What verify learnt about a live session.
+#[derive(Debug, Clone)]
+pub struct LiveSession {
+    pub created_ms: i64,
+    pub auth_time_ms: i64,
+    /// Redis's clock at the time of the check.
+    pub now_ms: i64,
+    /// The whole record, when asked for.
+    pub record: Option<SessionRecord>,
+}
+
+/// The time policy every script applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    pub idle_ms: i64,
+    /// Sessions created at or before this are revoked (logout-all).
+    pub cutoff_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct NewSession<'a> {
+    pub user: &'a UserId,
+    pub session: &'a SessionId,
+    pub device: &'a DeviceId,
+    pub auth_time_ms: Option<i64>,
+    pub metadata: &'a str,
+    pub absolute_ms: i64,
+    pub max_per_user: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Created {
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub auth_time_ms: i64,
+    pub replaced: i64,
+    pub evicted: i64,
+}
+
+/// Which sessions of a user to revoke.
+#[derive(Debug, Clone, Copy)]
+pub enum Revoke<'a> {
+    /// The one session with this field.
+    One(&'a str),
+    /// Every session but the one with this field (`None`: every session).
+    AllExcept(Option<&'a str>),
+    /// Every session on this device.
+    Device(&'a str),
+    /// Every session created at or before this time (ms).
+    CreatedBefore(i64),
+}
+
+/// Operations on the global state hash.
+#[derive(Debug, Clone, Copy)]
+pub enum GlobalOp<'a> {
+    /// Create what is missing, with this kid for a new ring.
+    Init { kid: &'a str },
+    /// Make `kid` active; the old active key retires after `retire_after_ms`.
+    Rotate { kid: &'a str, retire_after_ms: i64 },
+    /// Raise the global cutoff to `at_ms`, or to Redis's now.
+    Cutoff { at_ms: Option<i64> },
+}
+
+/// The global state as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalRecord {
+    pub cutoff_ms: i64,
+    pub ring_json: String,
+    pub now_ms: i64,
+}
+
+struct Scripts {
+    verify: Script,
+    create: Script,
+    revoke: Script,
+    reauth: Script,
+    list: Script,
+    global: Script,
+}
+
+pub struct Store {
+    pool: Pool,
+    client: redis::Client,
+    shared: ArcSwapOption<MultiplexedConnection>,
+    reconnecting: tokio::sync::Mutex<()>,
+    timeouts_in_row: AtomicU32,
+    timeout: Duration,
+    keys: KeySchema,
+    scripts: Scripts,
+    metrics: Arc<Metrics>,
+}
+
+impl Store {
+    /// Sets up the pool; connects lazily, so a service can start while Redis
+    /// is down (it answers 503 until Redis is back).
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        pool_size: usize,
+        keys: KeySchema,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let manager = Manager::new_with_config(url, config)
+            .map_err(|e| StoreError::Connection(e.to_string()))?;
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .build()
+            .map_err(|e| StoreError::Connection(e.to_string()))?;
+        let client = redis::Client::open(url).map_err(|e| StoreError::Connection(e.to_string()))?;
+        Ok(Store {
+            pool,
+            client,
+            shared: ArcSwapOption::empty(),
+            reconnecting: tokio::sync::Mutex::new(()),
+            timeouts_in_row: AtomicU32::new(0),
+            timeout,
+            keys,
+            scripts: Scripts {
+                verify: script!("verify.lua"),
+                create: script!("create.lua"),
+                revoke: script!("revoke.lua"),
+                reauth: script!("reauth.lua"),
+                list: script!("list.lua"),
+                global: script!("global.lua"),
+            },
+            metrics,
+        })
+    }
+
+    pub fn keys(&self) -> &KeySchema {
+        &self.keys
+    }
+
+    pub fn pool_status(&self) -> deadpool_redis::Status {
+        self.pool.status()
+    }
+
+    /// The shared connection, taken from the pool when there is none.
+    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        if let Some(conn) = self.shared.load().as_deref() {
+            return Ok(conn.clone());
+        }
+        let _guard = self.reconnecting.lock().await;
+        if let Some(conn) = self.shared.load().as_deref() {
+            return Ok(conn.clone());
+        }
+        let pooled = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Connection(e.to_string()))?;
+        let conn = deadpool_redis::Connection::take(pooled);
+        self.shared.store(Some(Arc::new(conn.clone())));
+        Ok(conn)
+    }
+
+    fn forget_connection(&self) {
+        self.shared.store(None);
+    }
+
+    /// Runs one script invocation on the shared connection, bounded in time.
+    async fn run<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let attempt = async {
+            let mut conn = self.connection().await?;
+            invocation.invoke_async(&mut conn).await.map_err(|e| {
+                let err = StoreError::from_redis(&e);
+                if matches!(err, StoreError::Connection(_)) || e.is_unrecoverable_error() {
+                    self.forget_connection();
+                }
+                err
+            })
+        };
+        let result = match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        self.account(&result);
+        result
+    }
+
+    fn account<T>(&self, result: &Result<T, StoreError>) {
+        match result {
+            Ok(_) => {
+                self.timeouts_in_row.store(0, Ordering::Relaxed);
+            }
+            Err(err) => {
+                self.metrics.redis_error(err.kind());
+                if matches!(err, StoreError::Timeout(_))
+                    && self.timeouts_in_row.fetch_add(1, Ordering::Relaxed) + 1
+                        >= TIMEOUTS_BEFORE_RECONNECT
+                {
+                    self.timeouts_in_row.store(0, Ordering::Relaxed);
+                    self.forget_connection();
+                }
+            }
+        }
+    }
+
+    /// The hot path: one EVALSHA confirming a session. `touch_ms` < 0 never
+    /// writes. The reply must echo this session's field and device, else the
+    /// connection is dropped and the call fails (a reply is never trusted
+    /// for another request).
+    pub async fn verify(
+        &self,
+        user: &UserId,
+        session: &SessionId,
+        device: &DeviceId,
+        live: Liveness,
+        touch_ms: i64,
+        full: bool,
+    ) -> Result<Option<LiveSession>, StoreError> {
+        let mut inv = self.scripts.verify.prepare_invoke();
+        inv.key(self.keys.user(&session.user_tag()))
+            .arg(session.field())
+            .arg(user.as_str())
+            .arg(device.as_str())
+            .arg(live.idle_ms)
+            .arg(touch_ms)
+            .arg(live.cutoff_ms)
+            .arg(if full { "1" } else { "0" });
+        let reply: Vec<Value> = self.run(&inv).await?;
+        let mut it = reply.into_iter();
+        if int(it.next())? == 0 {
+            return Ok(None);
+        }
+        let field = text(it.next())?;
+        let device_id = text(it.next())?;
+        if field != session.field() || device_id != device.as_str() {
+            self.forget_connection();
+            let err = StoreError::Protocol("verify reply for another session".into());
+            self.metrics.redis_error(err.kind());
+            return Err(err);
+        }
+        let created_ms = int(it.next())?;
+        let auth_time_ms = int(it.next())?;
+        let now_ms = int(it.next())?;
+        let record = if full {
+            Some(SessionRecord {
+                field,
+                created_ms,
+                last_seen_ms: int(it.next())?,
+                auth_time_ms,
+                expires_ms: int(it.next())?,
+                device_id,
+                metadata: text(it.next())?,
+            })
+        } else {
+            None
+        };
+        Ok(Some(LiveSession {
+            created_ms,
+            auth_time_ms,
+            now_ms,
+            record,
+        }))
+    }
+
+    pub async fn create(&self, new: NewSession<'_>, live: Liveness) -> Result<Created, StoreError> {
+        let mut inv = self.scripts.create.prepare_invoke();
+        inv.key(self.keys.user(&new.session.user_tag()))
+            .arg(new.session.field())
+            .arg(new.user.as_str())
+            .arg(new.device.as_str())
+            .arg(new.auth_time_ms.map(|t| t.to_string()).unwrap_or_default())
+            .arg(new.metadata)
+            .arg(live.idle_ms)
+            .arg(new.absolute_ms)
+            .arg(new.max_per_user)
+            .arg(live.cutoff_ms);
+        let (created_ms, expires_ms, auth_time_ms, replaced, evicted) = self.run(&inv).await?;
+        Ok(Created {
+            created_ms,
+            expires_ms,
+            auth_time_ms,
+            replaced,
+            evicted,
+        })
+    }
+
+    /// Revokes sessions of one user; returns how many live ones were removed.
+    pub async fn revoke(
+        &self,
+        user: &UserTag,
+        which: Revoke<'_>,
+        live: Liveness,
+    ) -> Result<u64, StoreError> {
+        let mut inv = self.scripts.revoke.prepare_invoke();
+        inv.key(self.keys.user(user));
+        match which {
+            Revoke::One(field) => inv.arg("one").arg(field),
+            Revoke::AllExcept(keep) => inv.arg("except").arg(keep.unwrap_or("")),
+            Revoke::Device(device) => inv.arg("device").arg(device),
+            Revoke::CreatedBefore(ms) => inv.arg("before").arg(ms),
+        };
+        inv.arg(live.idle_ms).arg(live.cutoff_ms);
+        self.run(&inv).await
+    }
+
+    /// Records a fresh password check; `None` when the session is not alive.
+    pub async fn reauth(
+        &self,
+        session: &SessionId,
+        live: Liveness,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut inv = self.scripts.reauth.prepare_invoke();
+        inv.key(self.keys.user(&session.user_tag()))
+            .arg(session.field())
+            .arg(live.idle_ms)
+            .arg(live.cutoff_ms);
+        let reply: Vec<i64> = self.run(&inv).await?;
+        Ok(match reply.as_slice() {
+            [1, auth_ms] => Some(*auth_ms),
+            _ => None,
+        })
+    }
+
+    /// The live sessions of one user.
+    pub async fn list(
+        &self,
+        user: &UserTag,
+        live: Liveness,
+    ) -> Result<Vec<SessionRecord>, StoreError> {
+        let mut inv = self.scripts.list.prepare_invoke();
+        inv.key(self.keys.user(user))
+            .arg(live.idle_ms)
+            .arg(live.cutoff_ms);
+        let reply: Vec<Value> = self.run(&inv).await?;
+        if !reply.len().is_multiple_of(7) {
+            return Err(StoreError::Protocol("list reply of odd length".into()));
+        }
+        let mut out = Vec::with_capacity(reply.len() / 7);
+        let mut it = reply.into_iter();
+        while let Some(field) = it.next() {
+            out.push(SessionRecord {
+                field: text(Some(field))?,
+                created_ms: int(it.next())?,
+                last_seen_ms: int(it.next())?,
+                auth_time_ms: int(it.next())?,
+                expires_ms: int(it.next())?,
+                device_id: text(it.next())?,
+                metadata: text(it.next())?,
+            });
+        }
+        out.sort_by_key(|s| std::cmp::Reverse(s.last_seen_ms));
+        Ok(out)
+    }
+
+    /// Applies an operation to the global state and returns it.
+    pub async fn global(&self, op: GlobalOp<'_>) -> Result<GlobalRecord, StoreError> {
+        let mut inv = self.scripts.global.prepare_invoke();
+        inv.key(self.keys.global());
+        match op {
+            GlobalOp::Init { kid } => inv.arg("init").arg(kid).arg(0),
+            GlobalOp::Rotate {
+                kid,
+                retire_after_ms,
+            } => inv.arg("rotate").arg(kid).arg(retire_after_ms),
+            GlobalOp::Cutoff { at_ms } => inv
+                .arg("cutoff")
+                .arg(at_ms.map(|t| t.to_string()).unwrap_or_default())
+                .arg(0),
+        };
+        inv.arg(self.keys.events());
+        let (cutoff_ms, ring_json, now_ms) = self.run(&inv).await?;
+        Ok(GlobalRecord {
+            cutoff_ms,
+            ring_json,
+            now_ms,
+        })
+    }
+
+    /// Reads the global state without changing it: `(cutoff, ring)`.
+    pub async fn read_global(&self) -> Result<(Option<i64>, Option<String>), StoreError> {
+        let attempt = async {
+            let mut conn = self.connection().await?;
+            redis::cmd("HMGET")
+                .arg(self.keys.global())
+                .arg("cutoff")
+                .arg("ring")
+                .query_async::<(Option<i64>, Option<String>)>(&mut conn)
+                .await
+                .map_err(|e| {
+                    let err = StoreError::from_redis(&e);
+                    if matches!(err, StoreError::Connection(_)) {
+                        self.forget_connection();
+                    }
+                    err
+                })
+        };
+        let result = tokio::time::timeout(self.timeout, attempt)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(self.timeout)));
+        self.account(&result);
+        result
+    }
+
+    /// PING on the shared connection, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let attempt = async {
+            let mut conn = self.connection().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(|e| StoreError::from_redis(&e))
+        };
+        let result = tokio::time::timeout(self.timeout, attempt)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(self.timeout)));
+        self.account(&result);
+        result.map(|_| ())
+    }
+
+    /// Deletes every session created at or before `cutoff_ms`, in bounded
+    /// batches (`SCAN ... COUNT 200`, one script per user hash, a pause
+    /// between batches), so a logout-all never blocks Redis. Verify already
+    /// refuses those sessions by the cutoff; this only frees memory.
+    pub async fn purge_before(&self, cutoff_ms: i64, live: Liveness) -> Result<u64, StoreError> {
+        let pattern = self.keys.user_pattern();
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let batch = async {
+                let mut conn = self
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|e| StoreError::Connection(e.to_string()))?;
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(200)
+                    .query_async::<(u64, Vec<String>)>(&mut *conn)
+                    .await
+                    .map_err(|e| StoreError::from_redis(&e))
+            };
+            let (next, keys) = tokio::time::timeout(self.timeout, batch)
+                .await
+                .unwrap_or(Err(StoreError::Timeout(self.timeout)))?;
+            for key in keys {
+                let mut inv = self.scripts.revoke.prepare_invoke();
+                inv.key(&key)
+                    .arg("before")
+                    .arg(cutoff_ms)
+                    .arg(live.idle_ms)
+                    .arg(live.cutoff_ms);
+                removed += self.run::<u64>(&inv).await?;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A pub/sub connection subscribed to the events channel.
+    pub async fn subscribe_events(&self) -> Result<redis::aio::PubSub, StoreError> {
+        let attempt = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(self.keys.events()).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(e)) => Err(StoreError::from_redis(&e)),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+}
+
+fn int(v: Option<Value>) -> Result<i64, StoreError> {
+    match v {
+        Some(Value::Int(i)) => Ok(i),
+        other => Err(StoreError::Protocol(format!(
+            "expected an integer, got {other:?}"
+        ))),
+    }
+}
+
+fn text(v: Option<Value>) -> Result<String, StoreError> {
+    match v {
+        Some(Value::BulkString(bytes)) => String::from_utf8(bytes)
+            .map_err(|_| StoreError::Protocol("a stored string is not UTF-8".into())),
+        Some(Value::SimpleString(s)) => Ok(s),
+        other => Err(StoreError::Protocol(format!(
+            "expected a string, got {other:?}"
+        ))),
+    }
+}

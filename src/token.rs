@@ -1,0 +1,396 @@
+//! Tokens: signing, strict verification, and the key ring.
+//!
+//! Signing keys derive from the signing secret and a key id with
+//! HKDF-SHA256, so Redis only ever stores key ids. The ring (which kid signs,
+//! which older kids still verify until they retire) lives in Redis and every
+//! instance follows it.
+//!
+//! Verification refuses, without any Redis call: tokens over the size cap,
+//! anything but three base64url parts, a header other than exactly
+//! `{"alg","typ"?,"kid"}` (so `jku`, `jwk`, `x5u`, `crit`… are refused, never
+//! followed), any `alg` but the configured one (`none` included), an unknown
+//! or retired kid, a bad signature, missing or mistyped claims, `exp` past,
+//! `nbf` or `iat` in the future (with at most 5 s leeway), and ids that do
+//! not match each other (the session id carries its user's tag).
+
+use std::collections::HashSet;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hkdf::Hkdf;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::domain::{DeviceId, SessionId, UserId};
+
+/// The claims sessiongate writes and requires.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub sub: String,
+    pub sid: String,
+    pub did: String,
+    pub iss: String,
+    pub iat: u64,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+}
+
+/// A token that passed every in-process check; Redis decides the rest.
+#[derive(Debug, Clone)]
+pub struct VerifiedToken {
+    pub user: UserId,
+    pub session: SessionId,
+    pub device: DeviceId,
+    pub iat: u64,
+    pub exp: u64,
+}
+
+/// Why a token was refused (for logs and metrics; the client only ever
+/// sees `invalid_token`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token too large")]
+    TooLarge,
+    #[error("token malformed")]
+    Malformed,
+    #[error("token header refused")]
+    Header,
+    #[error("algorithm not allowed")]
+    Algorithm,
+    #[error("unknown or retired key id")]
+    UnknownKey,
+    #[error("signature or claims invalid")]
+    Invalid,
+    #[error("token expired")]
+    Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
+    #[error("claims inconsistent")]
+    Claims,
+}
+
+/// One signing key of the ring.
+pub struct RingKey {
+    pub kid: String,
+    /// When the key stops verifying (ms); `None` while it is active.
+    pub retire_at_ms: Option<i64>,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+/// The set of keys tokens may be signed with.
+pub struct KeyRing {
+    pub active: String,
+    keys: Vec<RingKey>,
+}
+
+#[derive(Deserialize)]
+struct RingJson {
+    active: String,
+    keys: Vec<RingEntryJson>,
+}
+
+#[derive(Deserialize)]
+struct RingEntryJson {
+    kid: String,
+    retire_at: f64,
+}
+
+impl KeyRing {
+    /// Builds the ring from its stored JSON, deriving each key.
+    pub fn from_json(json: &str, secret: &[u8], alg: Algorithm) -> Result<KeyRing, String> {
+        let parsed: RingJson =
+            serde_json::from_str(json).map_err(|e| format!("bad key ring: {e}"))?;
+        let keys = parsed
+            .keys
+            .into_iter()
+            .map(|k| {
+                let material = derive_key(secret, &k.kid, alg);
+                RingKey {
+                    retire_at_ms: (k.retire_at > 0.0).then_some(k.retire_at as i64),
+                    encoding: EncodingKey::from_secret(&material),
+                    decoding: DecodingKey::from_secret(&material),
+                    kid: k.kid,
+                }
+            })
+            .collect::<Vec<_>>();
+        if !keys.iter().any(|k| k.kid == parsed.active) {
+            return Err("bad key ring: the active kid has no entry".into());
+        }
+        Ok(KeyRing {
+            active: parsed.active,
+            keys,
+        })
+    }
+
+    fn get(&self, kid: &str, now_ms: i64) -> Option<&RingKey> {
+        self.keys
+            .iter()
+            .find(|k| k.kid == kid && k.retire_at_ms.is_none_or(|t| t > now_ms))
+    }
+
+    fn active_key(&self) -> &RingKey {
+        self.keys
+            .iter()
+            .find(|k| k.kid == self.active)
+            .expect("checked in from_json")
+    }
+
+    pub fn kids(&self) -> impl Iterator<Item = &RingKey> {
+        self.keys.iter()
+    }
+}
+
+/// A new random key id.
+pub fn new_kid() -> String {
+    let mut bytes = [0u8; 12];
+    getrandom::fill(&mut bytes).expect("the OS random generator is available");
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn derive_key(secret: &[u8], kid: &str, alg: Algorithm) -> Vec<u8> {
+    let len = match alg {
+        Algorithm::HS384 => 48,
+        Algorithm::HS512 => 64,
+        _ => 32,
+    };
+    let mut out = vec![0u8; len];
+    Hkdf::<Sha256>::new(Some(b"sessiongate/v1"), secret)
+        .expand(format!("jwt-signing-key:{kid}").as_bytes(), &mut out)
+        .expect("HKDF output length is valid");
+    out
+}
+
+/// The exact header sessiongate accepts; any other member is refused.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StrictHeader {
+    alg: String,
+    #[serde(default)]
+    typ: Option<String>,
+    kid: String,
+}
+
+/// Signs and verifies tokens with a fixed policy.
+pub struct TokenCodec {
+    alg: Algorithm,
+    alg_name: &'static str,
+    issuer: String,
+    leeway_s: u64,
+    max_bytes: usize,
+    validation: Validation,
+}
+
+impl TokenCodec {
+    pub fn new(alg: Algorithm, issuer: &str, leeway_s: u64, max_bytes: usize) -> TokenCodec {
+        let mut validation = Validation::new(alg);
+        validation.leeway = leeway_s;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        validation.set_issuer(&[issuer]);
+        validation.required_spec_claims = ["exp", "iss", "sub"]
+            .into_iter()
+            .map(String::from)
+            .collect::<HashSet<_>>();
+        let alg_name = match alg {
+            Algorithm::HS384 => "HS384",
+            Algorithm::HS512 => "HS512",
+            _ => "HS256",
+        };
+        TokenCodec {
+            alg,
+            alg_name,
+            issuer: issuer.to_string(),
+            leeway_s,
+            max_bytes,
+            validation,
+        }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Signs claims with the ring's active key.
+    pub fn sign(&self, ring: &KeyRing, claims: &Claims) -> String {
+        let key = ring.active_key();
+        let mut header = Header::new(self.alg);
+        header.kid = Some(key.kid.clone());
+        header.typ = Some("JWT".into());
+        jsonwebtoken::encode(&header, claims, &key.encoding).expect("HMAC signing cannot fail")
+    }
+
+    /// Every in-process check of a presented token.
+    pub fn verify(
+        &self,
+        ring: &KeyRing,
+        token: &str,
+        now_ms: i64,
+    ) -> Result<VerifiedToken, TokenError> {
+        if token.len() > self.max_bytes {
+            return Err(TokenError::TooLarge);
+        }
+        let mut parts = token.split('.');
+        let (Some(header_b64), Some(_), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        let header_json = URL_SAFE_NO_PAD
+            .decode(header_b64)
+            .map_err(|_| TokenError::Malformed)?;
+        let header: StrictHeader =
+            serde_json::from_slice(&header_json).map_err(|_| TokenError::Header)?;
+        if header.alg != self.alg_name {
+            return Err(TokenError::Algorithm);
+        }
+        if header.typ.as_deref().is_some_and(|t| t != "JWT") {
+            return Err(TokenError::Header);
+        }
+        let key = ring
+            .get(&header.kid, now_ms)
+            .ok_or(TokenError::UnknownKey)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation).map_err(
+            |e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                _ => TokenError::Invalid,
+            },
+        )?;
+        let claims = data.claims;
+        let now_s = (now_ms / 1000).max(0) as u64;
+        if claims.iat > now_s + self.leeway_s {
+            return Err(TokenError::NotYetValid);
+        }
+        if claims.exp + self.leeway_s < now_s {
+            return Err(TokenError::Expired);
+        }
+        let user = UserId::parse(&claims.sub).map_err(|_| TokenError::Claims)?;
+        let session = SessionId::parse(&claims.sid).map_err(|_| TokenError::Claims)?;
+        let device = DeviceId::parse(&claims.did).map_err(|_| TokenError::Claims)?;
+        if !session.belongs_to(&user.tag()) {
+            return Err(TokenError::Claims);
+        }
+        Ok(VerifiedToken {
+            user,
+            session,
+            device,
+            iat: claims.iat,
+            exp: claims.exp,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn ring() -> KeyRing {
+        KeyRing::from_json(
+            r#"{"active":"k2","keys":[{"kid":"k1","retire_at":5000},{"kid":"k2","retire_at":0}]}"#,
+            SECRET,
+            Algorithm::HS256,
+        )
+        .unwrap()
+    }
+
+    fn claims(now_s: u64) -> Claims {
+        let user = UserId::parse("alice").unwrap();
+        Claims {
+            sub: "alice".into(),
+            sid: SessionId::generate(&user.tag()).as_str().into(),
+            did: "laptop".into(),
+            iss: "sessiongate".into(),
+            iat: now_s,
+            exp: now_s + 60,
+            nbf: None,
+        }
+    }
+
+    fn now_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    }
+
+    #[test]
+    fn round_trip_and_derived_keys_differ_per_kid() {
+        let codec = TokenCodec::new(Algorithm::HS256, "sessiongate", 5, 4096);
+        let ring = ring();
+        let now = now_ms();
+        let token = codec.sign(&ring, &claims(now as u64 / 1000));
+        let ok = codec.verify(&ring, &token, now).unwrap();
+        assert_eq!(ok.user.as_str(), "alice");
+        assert_ne!(
+            derive_key(SECRET, "k1", Algorithm::HS256),
+            derive_key(SECRET, "k2", Algorithm::HS256)
+        );
+    }
+
+    #[test]
+    fn retired_kid_and_other_issuer_are_refused() {
+        let codec = TokenCodec::new(Algorithm::HS256, "sessiongate", 5, 4096);
+        let ring = ring();
+        let now = now_ms();
+        // k1 retired at t=5000 ms.
+        let old = KeyRing::from_json(
+            r#"{"active":"k1","keys":[{"kid":"k1","retire_at":0}]}"#,
+            SECRET,
+            Algorithm::HS256,
+        )
+        .unwrap();
+        let token = codec.sign(&old, &claims(now as u64 / 1000));
+        assert_eq!(
+            codec.verify(&ring, &token, now).unwrap_err(),
+            TokenError::UnknownKey
+        );
+        let mut c = claims(now as u64 / 1000);
+        c.iss = "someone-else".into();
+        let token = codec.sign(&ring, &c);
+        assert_eq!(
+            codec.verify(&ring, &token, now).unwrap_err(),
+            TokenError::Invalid
+        );
+    }
+
+    #[test]
+    fn iat_in_future_and_expired_are_refused() {
+        let codec = TokenCodec::new(Algorithm::HS256, "sessiongate", 5, 4096);
+        let ring = ring();
+        let now = now_ms();
+        let mut c = claims(now as u64 / 1000 + 60);
+        c.exp += 600;
+        let token = codec.sign(&ring, &c);
+        assert_eq!(
+            codec.verify(&ring, &token, now).unwrap_err(),
+            TokenError::NotYetValid
+        );
+        let mut c = claims(now as u64 / 1000 - 600);
+        c.exp = now as u64 / 1000 - 10;
+        let token = codec.sign(&ring, &c);
+        assert_eq!(
+            codec.verify(&ring, &token, now).unwrap_err(),
+            TokenError::Expired
+        );
+    }
+
+    #[test]
+    fn sid_of_another_user_is_refused() {
+        let codec = TokenCodec::new(Algorithm::HS256, "sessiongate", 5, 4096);
+        let ring = ring();
+        let now = now_ms();
+        let mut c = claims(now as u64 / 1000);
+        c.sub = "mallory".into();
+        let token = codec.sign(&ring, &c);
+        assert_eq!(
+            codec.verify(&ring, &token, now).unwrap_err(),
+            TokenError::Claims
+        );
+    }
+}
