@@ -258,11 +258,17 @@ impl Layers {
             .iter()
             .any(|scheme| redis_url.starts_with(scheme))
         {
-            return Err(self.err("redis_url", "must start with redis://, rediss:// or unix://"));
+            return Err(self.err(
+                "redis_url",
+                "must start with redis://, rediss:// or unix://",
+            ));
         }
         let key_prefix = self.string("key_prefix")?;
         if key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_control) {
-            return Err(self.err("key_prefix", "must not contain '{', '}' or control characters"));
+            return Err(self.err(
+                "key_prefix",
+                "must not contain '{', '}' or control characters",
+            ));
         }
         let cookie_name = self.string("cookie_name")?;
         if cookie_name.is_empty()
@@ -395,7 +401,10 @@ mod tests {
             let mut env = required();
             env.retain(|(k, _)| *k != var);
             let err = Settings::load(&env_with(&env)).unwrap_err();
-            assert!(err.to_string().contains(&var.to_ascii_lowercase()[12..]), "{err}");
+            assert!(
+                err.to_string().contains(&var.to_ascii_lowercase()[12..]),
+                "{err}"
+            );
             env.push((var, "short"));
             let err = Settings::load(&env_with(&env)).unwrap_err();
             assert_eq!(err.setting, var);

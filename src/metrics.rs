@@ -88,8 +88,8 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
-        let sessions_created = IntCounter::new(SESSIONS_CREATED_TOTAL, "Sessions created.")
-            .expect("valid metric");
+        let sessions_created =
+            IntCounter::new(SESSIONS_CREATED_TOTAL, "Sessions created.").expect("valid metric");
         let sessions_revoked = IntCounterVec::new(
             Opts::new(SESSIONS_REVOKED_TOTAL, "Sessions revoked, by how."),
             &["how"],

@@ -12,9 +12,7 @@ use crate::config::Settings;
 use crate::domain::{DeviceId, InvalidInput, Metadata, SessionId, UserId, UserTag};
 use crate::metrics::Metrics;
 use crate::state::{Global, GlobalState};
-use crate::store::{
-    GlobalOp, Liveness, NewSession, Revoke, SessionRecord, Store, StoreError,
-};
+use crate::store::{GlobalOp, Liveness, NewSession, Revoke, SessionRecord, Store, StoreError};
 use crate::token::{Claims, TokenCodec, TokenError, VerifiedToken, new_kid};
 
 /// Milliseconds since the Unix epoch, from this host's clock.
@@ -219,7 +217,10 @@ impl SessionService {
     }
 
     /// Checks a token in-process only (no Redis).
-    pub fn check_token(&self, token: &str) -> Result<(VerifiedToken, Arc<GlobalState>), ServiceError> {
+    pub fn check_token(
+        &self,
+        token: &str,
+    ) -> Result<(VerifiedToken, Arc<GlobalState>), ServiceError> {
         let state = self.global.snapshot()?;
         let verified = self
             .codec
@@ -341,7 +342,9 @@ impl SessionService {
                     this.metrics.revoked("logout_all", n);
                     tracing::info!(purged = n, "logout-all purge finished");
                 }
-                Err(e) => tracing::warn!(error = %e, "logout-all purge stopped; records expire by TTL"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "logout-all purge stopped; records expire by TTL")
+                }
             }
         });
         Ok(cutoff)

@@ -45,10 +45,11 @@ pub struct Application {
 impl Application {
     /// Binds `settings.listen` and builds the application.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
-        let listener = TcpListener::bind(&settings.listen).map_err(|source| StartupError::Listen {
-            addr: settings.listen.clone(),
-            source,
-        })?;
+        let listener =
+            TcpListener::bind(&settings.listen).map_err(|source| StartupError::Listen {
+                addr: settings.listen.clone(),
+                source,
+            })?;
         Self::build_with_listener(settings, listener).await
     }
 
@@ -175,7 +176,8 @@ impl RequestIds {
             let b = v.as_bytes();
             if !b.is_empty()
                 && b.len() <= 64
-                && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
             {
                 return v.clone();
             }

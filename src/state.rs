@@ -54,9 +54,7 @@ impl Global {
         match self.current.load_full() {
             Some(state) if state.fetched_at.elapsed() <= self.max_staleness => Ok(state),
             Some(_) => Err(StoreError::Timeout(self.max_staleness)),
-            None => Err(StoreError::Connection(
-                "global state not loaded yet".into(),
-            )),
+            None => Err(StoreError::Connection("global state not loaded yet".into())),
         }
     }
 
@@ -106,7 +104,9 @@ impl Global {
                 now_ms: 0,
             },
             _ => {
-                tracing::warn!("global state missing in Redis: initialising it (new key id, cutoff now)");
+                tracing::warn!(
+                    "global state missing in Redis: initialising it (new key id, cutoff now)"
+                );
                 store.global(GlobalOp::Init { kid: &new_kid() }).await?
             }
         };

@@ -46,7 +46,9 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     m.pool
         .with_label_values(&["available"])
         .set(status.available as i64);
-    m.pool.with_label_values(&["waiting"]).set(status.waiting as i64);
+    m.pool
+        .with_label_values(&["waiting"])
+        .set(status.waiting as i64);
     if let Some(age) = state.service.global().age() {
         m.state_age.set(age.as_secs_f64());
     }

@@ -90,11 +90,13 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
     )
     .app_data(web::PayloadConfig::new(body_limit))
     .app_data(web::PathConfig::default().error_handler(|_, _| ApiError::NotFound.into()))
-    .app_data(web::QueryConfig::default().error_handler(|_, _| {
-        ApiError::InvalidRequest("malformed query string".into()).into()
-    }))
+    .app_data(
+        web::QueryConfig::default()
+            .error_handler(|_, _| ApiError::InvalidRequest("malformed query string".into()).into()),
+    )
     .service(
-        web::resource(["/v1/verify", "/v1/verify/{tail:.*}"]).route(web::route().to(verify::verify)),
+        web::resource(["/v1/verify", "/v1/verify/{tail:.*}"])
+            .route(web::route().to(verify::verify)),
     )
     .service(
         web::resource("/v1/sessions")
@@ -165,7 +167,9 @@ fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
         JsonPayloadError::ContentType => {
             ApiError::InvalidRequest("the body must be application/json".into())
         }
-        JsonPayloadError::Deserialize(e) => ApiError::InvalidRequest(format!("malformed JSON: {e}")),
+        JsonPayloadError::Deserialize(e) => {
+            ApiError::InvalidRequest(format!("malformed JSON: {e}"))
+        }
         _ => ApiError::InvalidRequest("malformed request body".into()),
     };
     api.into()
@@ -174,9 +178,9 @@ fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
 fn form_error(err: UrlencodedError, _: &HttpRequest) -> actix_web::Error {
     let api = match &err {
         UrlencodedError::Overflow { .. } => ApiError::PayloadTooLarge,
-        UrlencodedError::ContentType => ApiError::InvalidRequest(
-            "the body must be application/x-www-form-urlencoded".into(),
-        ),
+        UrlencodedError::ContentType => {
+            ApiError::InvalidRequest("the body must be application/x-www-form-urlencoded".into())
+        }
         // The form carries a token: never echo its parse error.
         _ => ApiError::InvalidRequest("malformed form body (token is required)".into()),
     };

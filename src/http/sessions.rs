@@ -170,7 +170,10 @@ pub async fn current(
     security(("session_token" = [])),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
-pub async fn logout(token: BearerToken, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn logout(
+    token: BearerToken,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     state.service.logout_current(&token.0).await?;
     tracing::info!(target: "audit", action = "logout", outcome = "ok");
     Ok(HttpResponse::NoContent().finish())
@@ -182,8 +185,14 @@ pub async fn logout(token: BearerToken, state: web::Data<AppState>) -> Result<Ht
     security(("session_token" = [])),
     responses((status = 200, body = SessionList), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
-pub async fn list(token: BearerToken, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let active = state.service.verify(&token.0, Reauth::Ignore, false).await?;
+pub async fn list(
+    token: BearerToken,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let active = state
+        .service
+        .verify(&token.0, Reauth::Ignore, false)
+        .await?;
     let tag = active.token.user.tag();
     let mine = active.token.session.field();
     let sessions = state
@@ -209,7 +218,10 @@ pub async fn logout_others(
     token: BearerToken,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let active = state.service.verify(&token.0, Reauth::Ignore, false).await?;
+    let active = state
+        .service
+        .verify(&token.0, Reauth::Ignore, false)
+        .await?;
     let t = &active.token;
     let revoked = state
         .service
@@ -235,7 +247,10 @@ pub async fn logout_one(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let active = state.service.verify(&token.0, Reauth::Ignore, false).await?;
+    let active = state
+        .service
+        .verify(&token.0, Reauth::Ignore, false)
+        .await?;
     let tag = active.token.user.tag();
     let target = SessionId::parse(&path).map_err(|_| ApiError::NotFound)?;
     if !target.belongs_to(&tag) {

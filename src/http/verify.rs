@@ -46,7 +46,10 @@ pub struct VerifyQuery {
         (status = 503, description = "store_unavailable", body = crate::error::ErrorBody),
     )
 )]
-pub async fn verify(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn verify(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let result = verify_inner(&req, &state).await;
     let outcome = match &result {
@@ -96,9 +99,7 @@ fn max_age(query: &str) -> Result<Option<u64>, ApiError> {
                         return Err(ApiError::InvalidRequest("max_age given twice".into()));
                     }
                     max_age = Some(v.parse::<u64>().map_err(|_| {
-                        ApiError::InvalidRequest(
-                            "max_age must be a whole number of seconds".into(),
-                        )
+                        ApiError::InvalidRequest("max_age must be a whole number of seconds".into())
                     })?);
                 }
             }

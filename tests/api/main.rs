@@ -1,1 +1,15 @@
+//! Integration tests: the real service against real `redis-server`s.
+//! One binary (faster to link); one module per feature.
 
+mod helpers;
+mod redis_server;
+
+mod admin;
+mod faults;
+mod health;
+mod input;
+mod multi_instance;
+mod policy;
+mod sessions;
+mod storage;
+mod tokens;

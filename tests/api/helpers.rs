@@ -1,0 +1,369 @@
+//! `spawn_app`: the real service on port 0 against a real, throwaway Redis,
+//! plus a typed method per endpoint. Logs stay silent unless `TEST_LOG` is set.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::{Value, json};
+use sessiongate::config::Settings;
+use sessiongate::startup::Application;
+
+use crate::redis_server::TestRedis;
+
+pub const ISSUER_KEY: &str = "test-issuer-key-0123456789abcdef0123456789";
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef01234567890";
+pub const SIGNING_SECRET: &str = "test-signing-secret-0123456789abcdef012345";
+
+static TRACING: Once = Once::new();
+
+fn init_tracing() {
+    TRACING.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            sessiongate::telemetry::init("debug", sessiongate::config::LogFormat::Text);
+        }
+    });
+}
+
+/// Settings for a test instance: fast timeouts, one worker, test keys;
+/// `overrides` are `SESSIONGATE_*` variables without the prefix
+/// (e.g. `("IDLE_TIMEOUT", "2s")`).
+pub fn test_settings(redis_url: &str, overrides: &[(&str, &str)]) -> Settings {
+    let mut env: HashMap<String, String> = [
+        ("REDIS_URL", redis_url),
+        ("ISSUER_KEYS", ISSUER_KEY),
+        ("ADMIN_KEYS", ADMIN_KEY),
+        ("SIGNING_SECRET", SIGNING_SECRET),
+        ("WORKERS", "1"),
+        ("REDIS_TIMEOUT", "250ms"),
+        ("LISTEN", "127.0.0.1:0"),
+    ]
+    .iter()
+    .map(|(k, v)| (format!("SESSIONGATE_{k}"), v.to_string()))
+    .collect();
+    for (k, v) in overrides {
+        env.insert(format!("SESSIONGATE_{k}"), v.to_string());
+    }
+    Settings::load(&|name| env.get(name).cloned()).expect("test settings are valid")
+}
+
+/// A running sessiongate, and the Redis it owns (if it owns one).
+pub struct TestApp {
+    pub address: String,
+    pub port: u16,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    pub redis: Option<Arc<Mutex<TestRedis>>>,
+    pub redis_url: String,
+}
+
+/// A new Redis and a sessiongate on it.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// A new Redis and a sessiongate on it, with setting overrides.
+pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    let redis = TestRedis::start();
+    let url = redis.url();
+    let mut app = spawn_app_on(&url, overrides).await;
+    app.redis = Some(Arc::new(Mutex::new(redis)));
+    app
+}
+
+/// A sessiongate on an existing Redis (a second instance, or a Redis the
+/// test kills and restarts).
+pub async fn spawn_app_on(redis_url: &str, overrides: &[(&str, &str)]) -> TestApp {
+    init_tracing();
+    let settings = test_settings(redis_url, overrides);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let app = Application::build_with_listener(settings.clone(), listener)
+        .await
+        .expect("application builds");
+    let port = app.port();
+    tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        port,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
+        settings,
+        redis: None,
+        redis_url: redis_url.to_string(),
+    }
+}
+
+/// A session as created by the API.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub token: String,
+    pub session_id: String,
+    pub user_id: String,
+    pub device_id: String,
+    pub body: Value,
+}
+
+impl TestApp {
+    /// A raw command to this app's own Redis (panics if it owns none).
+    pub fn redis_cmd(&self, args: &[&str]) -> String {
+        self.redis
+            .as_ref()
+            .expect("this app owns its Redis")
+            .lock()
+            .unwrap()
+            .cmd(args)
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client
+            .request(method, format!("{}{}", self.address, path))
+    }
+
+    pub fn issuer(&self, method: Method, path: &str) -> RequestBuilder {
+        self.request(method, path).bearer_auth(ISSUER_KEY)
+    }
+
+    pub fn admin(&self, method: Method, path: &str) -> RequestBuilder {
+        self.request(method, path).bearer_auth(ADMIN_KEY)
+    }
+
+    /// `POST /v1/sessions` with any body.
+    pub async fn create_raw(&self, body: Value) -> Response {
+        self.issuer(Method::POST, "/v1/sessions")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Creates a session, asserting 201.
+    pub async fn create(&self, user: &str, device: &str) -> Created {
+        self.create_body(json!({"user_id": user, "device_id": device}))
+            .await
+    }
+
+    /// Creates a session from a full body, asserting 201.
+    pub async fn create_body(&self, body: Value) -> Created {
+        let res = self.create_raw(body).await;
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let body: Value = res.json().await.unwrap();
+        Created {
+            token: body["token"].as_str().unwrap().to_string(),
+            session_id: body["session_id"].as_str().unwrap().to_string(),
+            user_id: body["user_id"].as_str().unwrap().to_string(),
+            device_id: body["device_id"].as_str().unwrap().to_string(),
+            body,
+        }
+    }
+
+    pub async fn verify(&self, token: &str) -> Response {
+        self.verify_at("/v1/verify", token).await
+    }
+
+    pub async fn verify_at(&self, path: &str, token: &str) -> Response {
+        self.request(Method::GET, path)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn verify_status(&self, token: &str) -> StatusCode {
+        self.verify(token).await.status()
+    }
+
+    pub async fn current(&self, token: &str) -> Response {
+        self.request(Method::GET, "/v1/sessions/current")
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn logout(&self, token: &str) -> Response {
+        self.request(Method::DELETE, "/v1/sessions/current")
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn list(&self, token: &str) -> Response {
+        self.request(Method::GET, "/v1/sessions")
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn logout_others(&self, token: &str) -> Response {
+        self.request(Method::DELETE, "/v1/sessions")
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn logout_one(&self, token: &str, session_id: &str) -> Response {
+        self.request(Method::DELETE, &format!("/v1/sessions/{session_id}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn reauth(&self, session_id: &str) -> Response {
+        self.issuer(Method::POST, &format!("/v1/sessions/{session_id}/reauth"))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin_list(&self, user: &str) -> Response {
+        self.admin(
+            Method::GET,
+            &format!("/v1/admin/users/{}/sessions", enc(user)),
+        )
+        .send()
+        .await
+        .unwrap()
+    }
+
+    pub async fn admin_revoke_user(&self, user: &str, except: Option<&str>) -> Response {
+        let mut path = format!("/v1/admin/users/{}/sessions", enc(user));
+        if let Some(sid) = except {
+            path.push_str(&format!("?except={sid}"));
+        }
+        self.admin(Method::DELETE, &path).send().await.unwrap()
+    }
+
+    pub async fn admin_revoke_device(&self, user: &str, device: &str) -> Response {
+        self.admin(
+            Method::DELETE,
+            &format!("/v1/admin/users/{}/devices/{}", enc(user), enc(device)),
+        )
+        .send()
+        .await
+        .unwrap()
+    }
+
+    pub async fn admin_revoke_session(&self, session_id: &str) -> Response {
+        self.admin(Method::DELETE, &format!("/v1/admin/sessions/{session_id}"))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn logout_all(&self) -> Response {
+        self.admin(Method::POST, "/v1/admin/logout-all")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn rotate_keys(&self) -> Response {
+        self.admin(Method::POST, "/v1/admin/keys/rotate")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn introspect(&self, token: &str, key: &str) -> Response {
+        self.request(Method::POST, "/v1/introspect")
+            .bearer_auth(key)
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Total Redis commands served so far (`INFO commandstats`), by command.
+    pub fn command_counts(&self) -> HashMap<String, u64> {
+        command_counts(&self.redis_cmd(&["INFO", "commandstats"]))
+    }
+}
+
+/// Parses `INFO commandstats` into calls per command.
+pub fn command_counts(info: &str) -> HashMap<String, u64> {
+    info.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let calls = stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
+}
+
+/// Percent-encodes a path segment.
+pub fn enc(segment: &str) -> String {
+    let mut out = String::new();
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Asserts an error answer: status, JSON `error` code, a `message`.
+pub async fn assert_error(res: Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(res.status(), status, "status");
+    let ct = res
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    assert!(ct.starts_with("application/json"), "content-type {ct:?}");
+    if status == StatusCode::UNAUTHORIZED {
+        assert!(
+            res.headers().get("www-authenticate").is_some(),
+            "401 without WWW-Authenticate"
+        );
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        assert!(
+            res.headers().get("retry-after").is_some(),
+            "503 without Retry-After"
+        );
+    }
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"], code, "error code in {body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "message in {body}"
+    );
+    body
+}
+
+/// Polls `check` every 20 ms until it is true or `within` passes; returns
+/// how long it took, or panics.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        if started.elapsed() > within {
+            panic!("condition not met within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
