@@ -1,1 +1,133 @@
-//! (tests to come)
+//! Redis slow, down, restarted or emptied: fail closed, bounded, and recover
+//! without restarting the service.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+
+use crate::helpers::{TestApp, assert_error, eventually, spawn_app};
+
+fn redis(app: &TestApp) -> std::sync::MutexGuard<'_, crate::redis_server::TestRedis> {
+    app.redis.as_ref().unwrap().lock().unwrap()
+}
+
+/// Timeout 250 ms in tests; the answer must come within it plus a little.
+const BOUND: Duration = Duration::from_millis(900);
+
+#[tokio::test]
+async fn paused_redis_gives_503_within_the_bound_and_recovers() {
+    let app = spawn_app().await;
+    let s = app.create("alice", "laptop").await;
+    redis(&app).pause_ms(1500);
+    let started = Instant::now();
+    let res = app.verify(&s.token).await;
+    let took = started.elapsed();
+    assert_error(res, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").await;
+    assert!(took < BOUND, "503 took {took:?}");
+    // Creates and logouts are refused too; nothing answers "done".
+    let res = app.create_raw(serde_json::json!({"user_id": "bob"})).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Recovery without a restart.
+    eventually(Duration::from_secs(4), || async {
+        app.verify_status(&s.token).await == StatusCode::OK
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn killed_redis_gives_503_never_200_and_recovers_after_restart() {
+    let app = spawn_app().await;
+    let s = app.create("carol", "laptop").await;
+    redis(&app).kill9();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let res = app.verify(&s.token).await;
+        assert!(started.elapsed() < BOUND);
+        assert_error(res, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").await;
+    }
+    assert_eq!(
+        app.logout(&s.token).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let res = app.create_raw(serde_json::json!({"user_id": "dave"})).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = res.text().await.unwrap();
+    assert!(
+        !body.contains("token\""),
+        "a token without a stored record: {body}"
+    );
+    let ready = app
+        .request(reqwest::Method::GET, "/readyz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let health = app
+        .request(reqwest::Method::GET, "/healthz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+
+    redis(&app).restart();
+    eventually(Duration::from_secs(5), || async {
+        app.verify_status(&s.token).await == StatusCode::OK
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn acknowledged_logout_and_create_survive_kill_9() {
+    let app = spawn_app().await;
+    let gone = app.create("erin", "laptop").await;
+    let kept = app.create("erin", "phone").await;
+    assert_eq!(
+        app.logout(&gone.token).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let late = app.create("frank", "laptop").await;
+    // No pause: kill right after the acknowledgements.
+    redis(&app).kill9();
+    redis(&app).restart();
+    eventually(Duration::from_secs(5), || async {
+        app.verify_status(&kept.token).await == StatusCode::OK
+    })
+    .await;
+    assert_eq!(app.verify_status(&late.token).await, StatusCode::OK);
+    assert_eq!(
+        app.verify_status(&gone.token).await,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn redis_restarted_empty_refuses_every_earlier_token_and_keeps_serving() {
+    let app = spawn_app().await;
+    let old = app.create("gina", "laptop").await;
+    {
+        let mut r = redis(&app);
+        r.kill9();
+        // Data lost: remove the AOF before the restart.
+        for entry in std::fs::read_dir(r.dir()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).unwrap();
+            }
+        }
+        r.restart();
+    }
+    // Once the state is re-initialised, new logins work and the old token is refused.
+    eventually(Duration::from_secs(5), || async {
+        app.create_raw(serde_json::json!({"user_id": "hank"}))
+            .await
+            .status()
+            == StatusCode::CREATED
+    })
+    .await;
+    assert_eq!(
+        app.verify_status(&old.token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let fresh = app.create("gina", "laptop").await;
+    assert_eq!(app.verify_status(&fresh.token).await, StatusCode::OK);
+}
