@@ -78,7 +78,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::InsufficientAuth { max_age } => ApiError::InsufficientAuth { max_age },
             ServiceError::NotFound => ApiError::NotFound,
             ServiceError::Store(cause) => {
-                tracing::warn!(error = %cause, "session store unavailable");
+                // Debug only: an outage would otherwise log every request; the
+                // refresher logs the transition and metrics count the errors.
+                tracing::debug!(error = %cause, "session store unavailable");
                 ApiError::StoreUnavailable
             }
         }

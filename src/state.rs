@@ -119,10 +119,21 @@ impl Global {
     }
 
     /// Re-reads the state every `interval`, or at once when woken.
+    /// Logs only on transitions (failing / recovered), not on every try.
     pub async fn run_refresher(self: Arc<Self>, store: Arc<Store>, interval: Duration) {
+        let mut failing = false;
         loop {
-            if let Err(e) = self.refresh(&store).await {
-                tracing::warn!(error = %e, "cannot refresh the global state");
+            match self.refresh(&store).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("global state readable again");
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "cannot refresh the global state; verify fails closed once it is stale");
+                }
+                Err(_) => {}
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
@@ -134,9 +145,11 @@ impl Global {
     /// Listens on the events channel and wakes the refresher on every
     /// message; reconnects with a short backoff when the connection drops.
     pub async fn run_listener(self: Arc<Self>, store: Arc<Store>) {
+        let mut failing = false;
         loop {
             match store.subscribe_events().await {
                 Ok(pubsub) => {
+                    failing = false;
                     // Anything may have changed while we were not listening.
                     self.wake();
                     let mut messages = pubsub.into_on_message();
@@ -145,7 +158,11 @@ impl Global {
                     }
                     tracing::warn!("events subscription ended; reconnecting");
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot subscribe to events"),
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "cannot subscribe to events; re-reading periodically");
+                }
+                Err(_) => {}
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
