@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
@@ -67,6 +68,9 @@ pub struct Settings {
     pub clock_leeway: Duration,
     pub max_token_bytes: usize,
     pub cookie_name: String,
+    pub csrf_protection: bool,
+    pub allowed_origins: Vec<String>,
+    pub trusted_proxies: Vec<IpNet>,
     pub idle_timeout: Duration,
     pub absolute_lifetime: Duration,
     pub reauth_after: Duration,
@@ -209,6 +213,28 @@ impl Layers {
         })
     }
 
+    fn boolean(&self, key: &str) -> Result<bool, ConfigError> {
+        match self.table.get(key) {
+            Some(Value::Boolean(b)) => Ok(*b),
+            Some(Value::String(s)) if s == "true" => Ok(true),
+            Some(Value::String(s)) if s == "false" => Ok(false),
+            _ => Err(self.err(key, "expected true or false")),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>, ConfigError> {
+        let Some(Value::Array(items)) = self.table.get(key) else {
+            return Err(self.err(key, "expected a list"));
+        };
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(self.err(key, "expected a list of strings")),
+            })
+            .collect()
+    }
+
     fn secrets(&self, key: &str) -> Result<Vec<Secret>, ConfigError> {
         let Some(Value::Array(items)) = self.table.get(key) else {
             return Err(self.err(key, "expected a list of keys"));
@@ -307,6 +333,34 @@ impl Layers {
             clock_leeway,
             max_token_bytes: self.integer("max_token_bytes", 256, 65536)? as usize,
             cookie_name,
+            csrf_protection: self.boolean("csrf_protection")?,
+            allowed_origins: self
+                .strings("allowed_origins")?
+                .into_iter()
+                .map(|o| {
+                    let o = o.trim_end_matches('/').to_ascii_lowercase();
+                    if o.starts_with("http://") || o.starts_with("https://") {
+                        Ok(o)
+                    } else {
+                        Err(self.err(
+                            "allowed_origins",
+                            format!("{o:?} is not scheme://host[:port]"),
+                        ))
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+            trusted_proxies: self
+                .strings("trusted_proxies")?
+                .iter()
+                .map(|p| {
+                    IpNet::parse(p).ok_or_else(|| {
+                        self.err(
+                            "trusted_proxies",
+                            format!("{p:?} is not an IP address or CIDR block"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
             idle_timeout: positive("idle_timeout")?,
             absolute_lifetime: positive("absolute_lifetime")?,
             reauth_after: positive("reauth_after")?,
@@ -322,6 +376,42 @@ impl Layers {
             ));
         }
         Ok(settings)
+    }
+}
+
+/// An IP network: an address and a prefix length (a lone address is /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(text: &str) -> Option<IpNet> {
+        let (addr, prefix) = match text.trim().split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (text.trim().parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(IpNet { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        let (net, ip, bits) = match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(i)) => (u32::from(n) as u128, u32::from(i) as u128, 32),
+            (IpAddr::V6(n), IpAddr::V6(i)) => (u128::from(n), u128::from(i), 128),
+            _ => return false,
+        };
+        if self.prefix == 0 {
+            return true;
+        }
+        let shift = bits - self.prefix as u32;
+        (net >> shift) == (ip >> shift)
     }
 }
 
@@ -451,6 +541,51 @@ mod tests {
         env.push((CONFIG_ENV, &path));
         let err = Settings::load(&env_with(&env)).unwrap_err();
         assert!(err.setting.starts_with("idle_timout in"), "{err}");
+    }
+
+    #[test]
+    fn ip_networks_match_addresses() {
+        let net = IpNet::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one = IpNet::parse("127.0.0.1").unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        assert!(
+            IpNet::parse("::1")
+                .unwrap()
+                .contains("::1".parse().unwrap())
+        );
+        assert!(
+            IpNet::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        for bad in ["", "10.0.0.0/33", "x", "10.0.0/8", "::1/129"] {
+            assert!(IpNet::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lists_and_booleans_come_from_the_environment() {
+        let mut env = required();
+        env.push(("SESSIONGATE_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8"));
+        env.push(("SESSIONGATE_ALLOWED_ORIGINS", "https://App.example.com/"));
+        env.push(("SESSIONGATE_CSRF_PROTECTION", "false"));
+        let s = Settings::load(&env_with(&env)).unwrap();
+        assert_eq!(s.trusted_proxies.len(), 2);
+        assert_eq!(
+            s.allowed_origins,
+            vec!["https://app.example.com".to_string()]
+        );
+        assert!(!s.csrf_protection);
+        let mut env = required();
+        env.push(("SESSIONGATE_TRUSTED_PROXIES", "localhost"));
+        assert_eq!(
+            Settings::load(&env_with(&env)).unwrap_err().setting,
+            "SESSIONGATE_TRUSTED_PROXIES"
+        );
     }
 
     #[test]

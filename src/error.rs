@@ -38,6 +38,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("this key may not use this endpoint")]
     Forbidden,
+    #[error("a cross-site request may not use the session cookie")]
+    CrossSite,
     #[error("no such session")]
     NotFound,
     #[error("no such endpoint")]
@@ -57,7 +59,7 @@ impl ApiError {
             ApiError::InvalidToken => "invalid_token",
             ApiError::InsufficientAuth { .. } => "insufficient_user_authentication",
             ApiError::Unauthorized => "unauthorized",
-            ApiError::Forbidden => "forbidden",
+            ApiError::Forbidden | ApiError::CrossSite => "forbidden",
             ApiError::NotFound | ApiError::NoRoute => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge => "payload_too_large",
@@ -94,7 +96,7 @@ impl ResponseError for ApiError {
             ApiError::InvalidToken | ApiError::InsufficientAuth { .. } | ApiError::Unauthorized => {
                 StatusCode::UNAUTHORIZED
             }
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::CrossSite => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -96,6 +96,11 @@ impl Application {
             api_keys: ApiKeys::new(&settings.issuer_keys, &settings.admin_keys),
             metrics,
             cookie_name: settings.cookie_name.clone(),
+            origin: crate::http::origin::OriginPolicy {
+                csrf_protection: settings.csrf_protection,
+                allowed_origins: settings.allowed_origins.clone(),
+                trusted_proxies: settings.trusted_proxies.clone(),
+            },
         });
         let body_limit = settings.body_limit;
         let ids = Arc::new(RequestIds::new());

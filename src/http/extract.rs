@@ -137,12 +137,14 @@ impl BearerToken {
                 .map(|t| BearerToken(t.to_string()))
                 .ok_or(ApiError::InvalidToken);
         }
-        let cookie_name = &state(req).cookie_name;
-        req.cookie(cookie_name)
+        let state = state(req);
+        let token = req
+            .cookie(&state.cookie_name)
             .map(|c| c.value().to_string())
             .filter(|t| !t.is_empty())
-            .map(BearerToken)
-            .ok_or(ApiError::InvalidToken)
+            .ok_or(ApiError::InvalidToken)?;
+        state.origin.check_cookie_request(req)?;
+        Ok(BearerToken(token))
     }
 }
 

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod extract;
 pub mod health;
 pub mod introspect;
+pub mod origin;
 pub mod sessions;
 pub mod verify;
 
@@ -27,6 +28,7 @@ pub struct AppState {
     pub api_keys: ApiKeys,
     pub metrics: Arc<Metrics>,
     pub cookie_name: String,
+    pub origin: origin::OriginPolicy,
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.

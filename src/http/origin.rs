@@ -1,0 +1,167 @@
+//! What the original request looked like, and the CSRF rule for
+//! cookie-carried tokens.
+//!
+//! A gateway's check request may differ from the user's request (Caddy's
+//! `forward_auth` always sends GET; nginx's `auth_request` keeps the method
+//! but not the host). Gateways listed in `trusted_proxies` describe the
+//! original with `X-Forwarded-Method`, `X-Forwarded-Host` and
+//! `X-Forwarded-Proto`; from anyone else those headers are ignored.
+//!
+//! CSRF: a browser attaches cookies to cross-site requests on its own, so a
+//! token that came from the cookie on an unsafe method is accepted only when
+//! the request's `Origin` (else `Referer`) is its own origin or an allowed
+//! one. Tokens in an `Authorization` header are exempt.
+
+use actix_web::HttpRequest;
+use actix_web::http::header;
+
+use crate::config::IpNet;
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Default)]
+pub struct OriginPolicy {
+    pub csrf_protection: bool,
+    /// Lower-case `scheme://host[:port]`.
+    pub allowed_origins: Vec<String>,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl OriginPolicy {
+    fn trusted(&self, req: &HttpRequest) -> bool {
+        !self.trusted_proxies.is_empty()
+            && req
+                .peer_addr()
+                .is_some_and(|a| self.trusted_proxies.iter().any(|n| n.contains(a.ip())))
+    }
+
+    /// The method of the original request.
+    pub fn method<'a>(&self, req: &'a HttpRequest) -> &'a str {
+        if self.trusted(req) {
+            for name in ["x-forwarded-method", "x-original-method"] {
+                if let Some(m) = req.headers().get(name).and_then(|v| v.to_str().ok()) {
+                    return m;
+                }
+            }
+        }
+        req.method().as_str()
+    }
+
+    /// Refuses a cookie-carried token on an unsafe cross-site request.
+    pub fn check_cookie_request(&self, req: &HttpRequest) -> Result<(), ApiError> {
+        if !self.csrf_protection {
+            return Ok(());
+        }
+        let method = self.method(req);
+        if ["GET", "HEAD", "OPTIONS", "TRACE"]
+            .iter()
+            .any(|safe| method.eq_ignore_ascii_case(safe))
+        {
+            return Ok(());
+        }
+        let trusted = self.trusted(req);
+        let forwarded = |name: &str| {
+            trusted
+                .then(|| req.headers().get(name)?.to_str().ok())
+                .flatten()
+        };
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| {
+                let referer = req.headers().get(header::REFERER)?.to_str().ok()?;
+                origin_of_url(referer)
+            })
+            .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+            .ok_or(ApiError::CrossSite)?;
+        if self.allowed_origins.iter().any(|a| *a == origin) {
+            return Ok(());
+        }
+        let (scheme, authority) = origin.split_once("://").ok_or(ApiError::CrossSite)?;
+        let host = forwarded("x-forwarded-host")
+            .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+            .ok_or(ApiError::CrossSite)?;
+        let scheme_ok =
+            forwarded("x-forwarded-proto").is_none_or(|p| p.eq_ignore_ascii_case(scheme));
+        if scheme_ok && authority.eq_ignore_ascii_case(host) {
+            Ok(())
+        } else {
+            Err(ApiError::CrossSite)
+        }
+    }
+}
+
+/// `scheme://host[:port]` of an absolute URL.
+fn origin_of_url(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    (!authority.is_empty()).then(|| format!("{scheme}://{authority}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    fn policy(trusted: &[&str]) -> OriginPolicy {
+        OriginPolicy {
+            csrf_protection: true,
+            allowed_origins: vec!["https://app.example.com".into()],
+            trusted_proxies: trusted.iter().map(|t| IpNet::parse(t).unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn safe_methods_pass_and_unsafe_need_a_matching_origin() {
+        let p = policy(&[]);
+        let get = TestRequest::get().to_http_request();
+        assert!(p.check_cookie_request(&get).is_ok());
+        let post = TestRequest::post()
+            .insert_header(("host", "site.test"))
+            .to_http_request();
+        assert!(p.check_cookie_request(&post).is_err(), "no Origin");
+        let same = TestRequest::post()
+            .insert_header(("host", "site.test"))
+            .insert_header(("origin", "https://site.test"))
+            .to_http_request();
+        assert!(p.check_cookie_request(&same).is_ok());
+        let cross = TestRequest::post()
+            .insert_header(("host", "site.test"))
+            .insert_header(("origin", "https://evil.test"))
+            .to_http_request();
+        assert!(p.check_cookie_request(&cross).is_err());
+        let allowed = TestRequest::delete()
+            .insert_header(("host", "site.test"))
+            .insert_header(("origin", "https://APP.example.com"))
+            .to_http_request();
+        assert!(p.check_cookie_request(&allowed).is_ok());
+        let referer = TestRequest::post()
+            .insert_header(("host", "site.test"))
+            .insert_header(("referer", "https://site.test/page?x=1"))
+            .to_http_request();
+        assert!(p.check_cookie_request(&referer).is_ok());
+    }
+
+    #[test]
+    fn forwarded_headers_count_only_from_trusted_peers() {
+        let from = |peer: &str| {
+            TestRequest::get()
+                .peer_addr(format!("{peer}:5000").parse().unwrap())
+                .insert_header(("host", "127.0.0.1:8080"))
+                .insert_header(("x-forwarded-method", "POST"))
+                .insert_header(("x-forwarded-host", "site.test"))
+                .insert_header(("origin", "https://evil.test"))
+                .to_http_request()
+        };
+        // Untrusted: the forwarded method is ignored, GET is safe.
+        assert!(policy(&[]).check_cookie_request(&from("10.9.9.9")).is_ok());
+        // Trusted gateway says the original was a cross-site POST.
+        assert!(
+            policy(&["10.0.0.0/8"])
+                .check_cookie_request(&from("10.9.9.9"))
+                .is_err()
+        );
+        assert_eq!(policy(&["10.0.0.0/8"]).method(&from("10.9.9.9")), "POST");
+    }
+}
