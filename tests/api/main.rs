@@ -6,6 +6,7 @@ mod redis_server;
 
 mod admin;
 mod faults;
+mod gateway;
 mod health;
 mod input;
 mod multi_instance;

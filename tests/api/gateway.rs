@@ -1,0 +1,1 @@
+//! (gateway tests to come)
