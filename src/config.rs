@@ -67,6 +67,7 @@ pub struct Settings {
     pub jwt_algorithm: Algorithm,
     pub clock_leeway: Duration,
     pub max_token_bytes: usize,
+    pub verified_token_cache: usize,
     pub cookie_name: String,
     pub csrf_protection: bool,
     pub allowed_origins: Vec<String>,
@@ -332,6 +333,7 @@ impl Layers {
             jwt_algorithm,
             clock_leeway,
             max_token_bytes: self.integer("max_token_bytes", 256, 65536)? as usize,
+            verified_token_cache: self.integer("verified_token_cache", 0, 10_000_000)? as usize,
             cookie_name,
             csrf_protection: self.boolean("csrf_protection")?,
             allowed_origins: self

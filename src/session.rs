@@ -81,7 +81,7 @@ pub struct CreatedSession {
 /// A session confirmed alive by Redis during this request.
 #[derive(Debug, Clone)]
 pub struct ActiveSession {
-    pub token: VerifiedToken,
+    pub token: Arc<VerifiedToken>,
     pub created_ms: i64,
     pub auth_time_ms: i64,
     pub now_ms: i64,
@@ -113,11 +113,12 @@ impl SessionService {
         metrics: Arc<Metrics>,
     ) -> Self {
         SessionService {
-            codec: TokenCodec::new(
+            codec: TokenCodec::with_cache(
                 settings.jwt_algorithm,
                 &settings.issuer,
                 settings.clock_leeway.as_secs(),
                 settings.max_token_bytes,
+                settings.verified_token_cache,
             ),
             policy: Policy {
                 idle: settings.idle_timeout,
@@ -220,7 +221,7 @@ impl SessionService {
     pub fn check_token(
         &self,
         token: &str,
-    ) -> Result<(VerifiedToken, Arc<GlobalState>), ServiceError> {
+    ) -> Result<(Arc<VerifiedToken>, Arc<GlobalState>), ServiceError> {
         let state = self.global.snapshot()?;
         let verified = self
             .codec

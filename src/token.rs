@@ -13,7 +13,8 @@
 //! `nbf` or `iat` in the future (with at most 5 s leeway), and ids that do
 //! not match each other (the session id carries its user's tag).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -45,6 +46,8 @@ pub struct VerifiedToken {
     pub device: DeviceId,
     pub iat: u64,
     pub exp: u64,
+    /// The key that signed it: checked against the ring on every use.
+    pub kid: String,
 }
 
 /// Why a token was refused (for logs and metrics; the client only ever
@@ -174,6 +177,12 @@ struct StrictHeader {
 }
 
 /// Signs and verifies tokens with a fixed policy.
+///
+/// Verified tokens are remembered (exact token text → its checked claims) in
+/// a bounded cache, so a token seen before skips decoding, JSON and HMAC.
+/// Only the signature and claim checks are cached — never the session's
+/// state, which Redis decides on every request — and on every hit the
+/// signing key must still be in the ring and `exp` still ahead.
 pub struct TokenCodec {
     alg: Algorithm,
     alg_name: &'static str,
@@ -181,10 +190,23 @@ pub struct TokenCodec {
     leeway_s: u64,
     max_bytes: usize,
     validation: Validation,
+    cache: Mutex<HashMap<Box<str>, Arc<VerifiedToken>>>,
+    cache_capacity: usize,
 }
 
 impl TokenCodec {
     pub fn new(alg: Algorithm, issuer: &str, leeway_s: u64, max_bytes: usize) -> TokenCodec {
+        Self::with_cache(alg, issuer, leeway_s, max_bytes, 0)
+    }
+
+    /// A codec remembering up to `cache_capacity` verified tokens (0: none).
+    pub fn with_cache(
+        alg: Algorithm,
+        issuer: &str,
+        leeway_s: u64,
+        max_bytes: usize,
+        cache_capacity: usize,
+    ) -> TokenCodec {
         let mut validation = Validation::new(alg);
         validation.leeway = leeway_s;
         validation.validate_exp = true;
@@ -207,6 +229,8 @@ impl TokenCodec {
             leeway_s,
             max_bytes,
             validation,
+            cache: Mutex::new(HashMap::new()),
+            cache_capacity,
         }
     }
 
@@ -229,10 +253,41 @@ impl TokenCodec {
         ring: &KeyRing,
         token: &str,
         now_ms: i64,
-    ) -> Result<VerifiedToken, TokenError> {
+    ) -> Result<Arc<VerifiedToken>, TokenError> {
         if token.len() > self.max_bytes {
             return Err(TokenError::TooLarge);
         }
+        if self.cache_capacity == 0 {
+            return self.verify_uncached(ring, token, now_ms).map(Arc::new);
+        }
+        let cached = self.lock_cache().get(token).cloned();
+        if let Some(hit) = cached {
+            ring.get(&hit.kid, now_ms).ok_or(TokenError::UnknownKey)?;
+            if hit.exp + self.leeway_s < (now_ms / 1000).max(0) as u64 {
+                return Err(TokenError::Expired);
+            }
+            return Ok(hit);
+        }
+        let verified = Arc::new(self.verify_uncached(ring, token, now_ms)?);
+        let mut cache = self.lock_cache();
+        if cache.len() >= self.cache_capacity {
+            // Bounded by clearing: simple, and a miss only costs a re-check.
+            cache.clear();
+        }
+        cache.insert(token.into(), verified.clone());
+        Ok(verified)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<VerifiedToken>>> {
+        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn verify_uncached(
+        &self,
+        ring: &KeyRing,
+        token: &str,
+        now_ms: i64,
+    ) -> Result<VerifiedToken, TokenError> {
         let mut parts = token.split('.');
         let (Some(header_b64), Some(_), Some(_), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -280,6 +335,7 @@ impl TokenCodec {
             device,
             iat: claims.iat,
             exp: claims.exp,
+            kid: header.kid,
         })
     }
 }
@@ -378,6 +434,47 @@ mod tests {
             codec.verify(&ring, &token, now).unwrap_err(),
             TokenError::Expired
         );
+    }
+
+    #[test]
+    fn cached_tokens_still_honour_key_retirement_and_expiry() {
+        let codec = TokenCodec::with_cache(Algorithm::HS256, "sessiongate", 0, 4096, 8);
+        let now = now_ms();
+        let ring_k2 = ring();
+        let mut c = claims(now as u64 / 1000);
+        c.exp = now as u64 / 1000 + 2;
+        let token = codec.sign(&ring_k2, &c);
+        assert!(codec.verify(&ring_k2, &token, now).is_ok());
+        assert!(codec.verify(&ring_k2, &token, now).is_ok(), "cached hit");
+        // Past exp: refused although cached.
+        assert_eq!(
+            codec.verify(&ring_k2, &token, now + 5_000).unwrap_err(),
+            TokenError::Expired
+        );
+        // k2 no longer in the ring: refused although cached.
+        let other = KeyRing::from_json(
+            r#"{"active":"k3","keys":[{"kid":"k3","retire_at":0}]}"#,
+            SECRET,
+            Algorithm::HS256,
+        )
+        .unwrap();
+        assert_eq!(
+            codec.verify(&other, &token, now).unwrap_err(),
+            TokenError::UnknownKey
+        );
+        // A tampered copy is not a cache hit.
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert!(codec.verify(&ring_k2, &tampered, now).is_err());
+        // The cache stays bounded.
+        for i in 0..20 {
+            let mut c = claims(now as u64 / 1000);
+            c.did = format!("d{i}");
+            let t = codec.sign(&ring_k2, &c);
+            assert!(codec.verify(&ring_k2, &t, now).is_ok());
+        }
+        assert!(codec.lock_cache().len() <= 8);
     }
 
     #[test]

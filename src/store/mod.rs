@@ -2,23 +2,24 @@
 //! user's hash (see [`keys`] for the schema and `lua/` for the scripts, each
 //! with a header naming its KEYS, ARGV and reply).
 //!
-//! Connections: the request path shares one multiplexed connection (commands
-//! from every worker are pipelined on it), taken out of a deadpool-redis pool
-//! that owns connecting and its timeouts. Checking a connection out of the
-//! pool per request would cost a PING round trip each time. A broken or
-//! repeatedly timing-out connection is dropped and the next call takes a
-//! fresh one, so recovery needs no restart. Bulk work (the logout-all purge)
-//! uses pooled connections, so it never queues ahead of verifies.
+//! Connections: each HTTP worker thread keeps one multiplexed connection of
+//! its own (requests on that worker are pipelined on it, and its driver runs
+//! on the worker's own runtime, so a verify never hops threads). Checking a
+//! connection out of a pool per request would cost deadpool-redis's PING
+//! round trip each time. A broken or repeatedly timing-out connection is
+//! dropped and the next call opens a fresh one, so recovery needs no
+//! restart. Bulk work (the logout-all purge) uses the deadpool-redis pool,
+//! bounded in size and time, so it never queues ahead of verifies.
 //!
 //! Every call is bounded by `redis_timeout`: pool wait, connect and reply.
 
 pub mod keys;
 
+use std::cell::RefCell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, FromRedisValue, Script, ScriptInvocation, Value};
@@ -36,8 +37,16 @@ macro_rules! script {
     };
 }
 
-/// After this many timeouts in a row the shared connection is replaced.
+/// After this many timeouts in a row the connection is replaced.
 const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
+
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's request-path connection, per store.
+    static LOCAL_CONNECTIONS: RefCell<Vec<(u64, MultiplexedConnection)>> =
+        const { RefCell::new(Vec::new()) };
+}
 
 /// Why the store could not answer. Every kind means 503 to the client.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -168,9 +177,10 @@ struct Scripts {
 }
 
 pub struct Store {
+    id: u64,
     pool: Pool,
     client: redis::Client,
-    shared: ArcSwapOption<MultiplexedConnection>,
+    connection_config: AsyncConnectionConfig,
     reconnecting: tokio::sync::Mutex<()>,
     timeouts_in_row: AtomicU32,
     timeout: Duration,
@@ -192,7 +202,7 @@ impl Store {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
-        let manager = Manager::new_with_config(url, config)
+        let manager = Manager::new_with_config(url, config.clone())
             .map_err(|e| StoreError::Connection(e.to_string()))?;
         let pool = Pool::builder(manager)
             .max_size(pool_size)
@@ -204,9 +214,10 @@ impl Store {
             .map_err(|e| StoreError::Connection(e.to_string()))?;
         let client = redis::Client::open(url).map_err(|e| StoreError::Connection(e.to_string()))?;
         Ok(Store {
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             pool,
             client,
-            shared: ArcSwapOption::empty(),
+            connection_config: config,
             reconnecting: tokio::sync::Mutex::new(()),
             timeouts_in_row: AtomicU32::new(0),
             timeout,
@@ -231,27 +242,37 @@ impl Store {
         self.pool.status()
     }
 
-    /// The shared connection, taken from the pool when there is none.
+    fn local_connection(&self) -> Option<MultiplexedConnection> {
+        LOCAL_CONNECTIONS.with(|c| {
+            c.borrow()
+                .iter()
+                .find(|(id, _)| *id == self.id)
+                .map(|(_, conn)| conn.clone())
+        })
+    }
+
+    /// This thread's connection, opened when there is none (one opening at
+    /// a time, so an outage does not cause a connection storm).
     async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
-        if let Some(conn) = self.shared.load().as_deref() {
-            return Ok(conn.clone());
+        if let Some(conn) = self.local_connection() {
+            return Ok(conn);
         }
         let _guard = self.reconnecting.lock().await;
-        if let Some(conn) = self.shared.load().as_deref() {
-            return Ok(conn.clone());
+        if let Some(conn) = self.local_connection() {
+            return Ok(conn);
         }
-        let pooled = self
-            .pool
-            .get()
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.connection_config)
             .await
-            .map_err(|e| StoreError::Connection(e.to_string()))?;
-        let conn = deadpool_redis::Connection::take(pooled);
-        self.shared.store(Some(Arc::new(conn.clone())));
+            .map_err(|e| StoreError::from_redis(&e))?;
+        LOCAL_CONNECTIONS.with(|c| c.borrow_mut().push((self.id, conn.clone())));
         Ok(conn)
     }
 
+    /// Drops this thread's connection; the next call opens a new one.
     fn forget_connection(&self) {
-        self.shared.store(None);
+        LOCAL_CONNECTIONS.with(|c| c.borrow_mut().retain(|(id, _)| *id != self.id));
     }
 
     /// Runs one script invocation on the shared connection, bounded in time.
