@@ -48,6 +48,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the request body is too large")]
     PayloadTooLarge,
+    #[error("the request headers are too large")]
+    HeadersTooLarge,
+    #[error("too many failed API keys from this address; try again later")]
+    TooManyRequests { retry_after: u64 },
     #[error("the session store is unavailable; try again shortly")]
     StoreUnavailable,
 }
@@ -63,6 +67,8 @@ impl ApiError {
             ApiError::NotFound | ApiError::NoRoute => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::HeadersTooLarge => "headers_too_large",
+            ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::StoreUnavailable => "store_unavailable",
         }
     }
@@ -100,6 +106,8 @@ impl ResponseError for ApiError {
             ApiError::NotFound | ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -133,6 +141,10 @@ impl ResponseError for ApiError {
             }
             ApiError::StoreUnavailable => {
                 res.insert_header((header::RETRY_AFTER, "1"));
+                None
+            }
+            ApiError::TooManyRequests { retry_after } => {
+                res.insert_header((header::RETRY_AFTER, retry_after.to_string()));
                 None
             }
             _ => None,

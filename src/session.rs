@@ -274,8 +274,9 @@ impl SessionService {
         })
     }
 
-    /// Logout on this device: the token's own session is deleted.
-    pub async fn logout_current(&self, token: &str) -> Result<(), ServiceError> {
+    /// Logout on this device: the token's own session is deleted. Returns
+    /// the session id (for the audit log).
+    pub async fn logout_current(&self, token: &str) -> Result<SessionId, ServiceError> {
         let (verified, state) = self.check_token(token)?;
         let n = self
             .store
@@ -289,7 +290,7 @@ impl SessionService {
             return Err(ServiceError::SessionGone);
         }
         self.metrics.revoked("logout", n);
-        Ok(())
+        Ok(verified.session.clone())
     }
 
     /// Every live session of a user.

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::config::Settings;
+use crate::error::ApiError;
 use crate::http::extract::ApiKeys;
 use crate::http::{AppState, configure};
 use crate::metrics::Metrics;
@@ -101,8 +102,13 @@ impl Application {
                 allowed_origins: settings.allowed_origins.clone(),
                 trusted_proxies: settings.trusted_proxies.clone(),
             },
+            key_failures: crate::http::extract::KeyFailures::new(
+                settings.api_key_failure_limit,
+                settings.api_key_failure_window,
+            ),
         });
         let body_limit = settings.body_limit;
+        let max_header_bytes = settings.max_header_bytes;
         let ids = Arc::new(RequestIds::new());
         let mut server = HttpServer::new(move || {
             let ids = ids.clone();
@@ -110,15 +116,25 @@ impl Application {
                 .app_data(state.clone())
                 .wrap_fn(move |req, srv| {
                     let id = ids.next_for(req.headers().get(&X_REQUEST_ID));
+                    let header_bytes: usize = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                        .sum();
                     let span = tracing::debug_span!(
                         "request",
                         method = %req.method(),
                         path = %req.path(),
                         request_id = %id.to_str().unwrap_or_default(),
                     );
-                    let fut = srv.call(req);
+                    let fut = (header_bytes <= max_header_bytes).then(|| srv.call(req));
                     async move {
-                        let mut res = fut.await?;
+                        let mut res = match fut {
+                            Some(fut) => fut.await?,
+                            None => {
+                                return Err(ApiError::HeadersTooLarge.into());
+                            }
+                        };
                         tracing::debug!(status = res.status().as_u16(), "answered");
                         res.headers_mut().insert(X_REQUEST_ID, id);
                         Ok(res)
@@ -127,7 +143,10 @@ impl Application {
                 })
                 .configure(|cfg| configure(cfg, body_limit))
         })
-        .backlog(2048);
+        .backlog(2048)
+        .client_request_timeout(settings.client_request_timeout)
+        .keep_alive(settings.keep_alive)
+        .max_connections(settings.max_connections);
         if settings.workers > 0 {
             server = server.workers(settings.workers);
         }

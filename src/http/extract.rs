@@ -6,7 +6,11 @@
 //! Admin and issuer rights are types (`AdminPrincipal`, `IssuerPrincipal`):
 //! a handler that takes one cannot run for an unchecked caller.
 
+use std::collections::HashMap;
 use std::future::{Ready, ready};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use actix_web::dev::Payload;
 use actix_web::http::header;
@@ -76,8 +80,77 @@ pub fn bearer(req: &HttpRequest) -> Option<&[u8]> {
     }
 }
 
-fn role(req: &HttpRequest) -> Option<Role> {
-    bearer(req).and_then(|key| state(req).api_keys.role_of(key))
+/// Wrong API keys per peer: after `limit` failures within `window`, the
+/// peer gets 429 until the window ends. Callers that present a right key are
+/// never counted, and other peers are not affected. In-process (per
+/// instance), bounded in memory.
+pub struct KeyFailures {
+    limit: u32,
+    window: Duration,
+    peers: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+const MAX_TRACKED_PEERS: usize = 100_000;
+
+impl KeyFailures {
+    pub fn new(limit: u32, window: Duration) -> Self {
+        KeyFailures {
+            limit,
+            window,
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Seconds until the peer may try again, if it is blocked now.
+    pub fn blocked(&self, peer: IpAddr) -> Option<u64> {
+        if self.limit == 0 {
+            return None;
+        }
+        let peers = self.lock();
+        let (count, since) = peers.get(&peer)?;
+        let elapsed = since.elapsed();
+        (*count >= self.limit && elapsed < self.window)
+            .then(|| (self.window - elapsed).as_secs().max(1))
+    }
+
+    pub fn record(&self, peer: IpAddr) {
+        if self.limit == 0 {
+            return;
+        }
+        let mut peers = self.lock();
+        if peers.len() >= MAX_TRACKED_PEERS {
+            let window = self.window;
+            peers.retain(|_, (_, since)| since.elapsed() < window);
+        }
+        let entry = peers.entry(peer).or_insert((0, Instant::now()));
+        if entry.1.elapsed() >= self.window {
+            *entry = (0, Instant::now());
+        }
+        entry.0 += 1;
+    }
+}
+
+fn role(req: &HttpRequest) -> Result<Option<Role>, ApiError> {
+    let state = state(req);
+    let peer = req.peer_addr().map(|a| a.ip());
+    if let Some(retry_after) = peer.and_then(|ip| state.key_failures.blocked(ip)) {
+        return Err(ApiError::TooManyRequests { retry_after });
+    }
+    let Some(key) = bearer(req) else {
+        return Ok(None);
+    };
+    let role = state.api_keys.role_of(key);
+    if role.is_none() {
+        if let Some(ip) = peer {
+            state.key_failures.record(ip);
+        }
+        tracing::warn!(target: "audit", action = "api_key", outcome = "refused", peer = ?peer);
+    }
+    Ok(role)
 }
 
 /// The caller holds an admin key.
@@ -89,9 +162,10 @@ impl FromRequest for AdminPrincipal {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         ready(match role(req) {
-            Some(Role::Admin) => Ok(AdminPrincipal),
-            Some(Role::Issuer) => Err(ApiError::Forbidden),
-            None => Err(ApiError::Unauthorized),
+            Ok(Some(Role::Admin)) => Ok(AdminPrincipal),
+            Ok(Some(Role::Issuer)) => Err(ApiError::Forbidden),
+            Ok(None) => Err(ApiError::Unauthorized),
+            Err(e) => Err(e),
         })
     }
 }
@@ -105,9 +179,10 @@ impl FromRequest for IssuerPrincipal {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         ready(match role(req) {
-            Some(Role::Issuer) => Ok(IssuerPrincipal),
-            Some(Role::Admin) => Err(ApiError::Forbidden),
-            None => Err(ApiError::Unauthorized),
+            Ok(Some(Role::Issuer)) => Ok(IssuerPrincipal),
+            Ok(Some(Role::Admin)) => Err(ApiError::Forbidden),
+            Ok(None) => Err(ApiError::Unauthorized),
+            Err(e) => Err(e),
         })
     }
 }
@@ -120,7 +195,7 @@ impl FromRequest for KeyHolder {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(role(req).map(KeyHolder).ok_or(ApiError::Unauthorized))
+        ready(role(req).and_then(|r| r.map(KeyHolder).ok_or(ApiError::Unauthorized)))
     }
 }
 
@@ -170,5 +245,20 @@ mod tests {
         assert_eq!(keys.role_of(admin.expose().as_bytes()), Some(Role::Admin));
         assert_eq!(keys.role_of("i".repeat(39).as_bytes()), None);
         assert_eq!(keys.role_of(b""), None);
+    }
+
+    #[test]
+    fn failures_block_one_peer_for_the_window_only() {
+        let f = KeyFailures::new(3, Duration::from_millis(200));
+        let bad: IpAddr = "10.0.0.1".parse().unwrap();
+        let good: IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..3 {
+            assert_eq!(f.blocked(bad), None);
+            f.record(bad);
+        }
+        assert!(f.blocked(bad).is_some());
+        assert_eq!(f.blocked(good), None);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(f.blocked(bad), None);
     }
 }

@@ -29,6 +29,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub cookie_name: String,
     pub origin: origin::OriginPolicy,
+    pub key_failures: extract::KeyFailures,
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.

@@ -174,8 +174,8 @@ pub async fn logout(
     token: BearerToken,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.service.logout_current(&token.0).await?;
-    tracing::info!(target: "audit", action = "logout", outcome = "ok");
+    let session = state.service.logout_current(&token.0).await?;
+    tracing::info!(target: "audit", actor = "user", action = "logout", target = session.as_str(), outcome = "ok");
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -231,7 +231,7 @@ pub async fn logout_others(
             "logout_others",
         )
         .await?;
-    tracing::info!(target: "audit", action = "logout_others", revoked, outcome = "ok");
+    tracing::info!(target: "audit", actor = "user", action = "logout_others", target = t.user.as_str(), revoked, outcome = "ok");
     Ok(HttpResponse::Ok().json(Revoked { revoked }))
 }
 
@@ -263,7 +263,7 @@ pub async fn logout_one(
     if n == 0 {
         return Err(ApiError::NotFound);
     }
-    tracing::info!(target: "audit", action = "logout_device", outcome = "ok");
+    tracing::info!(target: "audit", actor = "user", action = "logout_device", target = target.as_str(), outcome = "ok");
     Ok(HttpResponse::NoContent().finish())
 }
 

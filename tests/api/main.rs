@@ -4,6 +4,7 @@
 mod helpers;
 mod redis_server;
 
+mod abuse;
 mod admin;
 mod faults;
 mod gateway;
