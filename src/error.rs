@@ -44,8 +44,8 @@ pub enum ApiError {
     NotFound,
     #[error("no such endpoint")]
     NoRoute,
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    #[error("method not allowed; allowed: {allow}")]
+    MethodNotAllowed { allow: &'static str },
     #[error("the request body is too large")]
     PayloadTooLarge,
     #[error("the request headers are too large")]
@@ -65,7 +65,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden | ApiError::CrossSite => "forbidden",
             ApiError::NotFound | ApiError::NoRoute => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::HeadersTooLarge => "headers_too_large",
             ApiError::TooManyRequests { .. } => "too_many_requests",
@@ -104,7 +104,7 @@ impl ResponseError for ApiError {
             }
             ApiError::Forbidden | ApiError::CrossSite => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::NoRoute => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -141,6 +141,10 @@ impl ResponseError for ApiError {
             }
             ApiError::StoreUnavailable => {
                 res.insert_header((header::RETRY_AFTER, "1"));
+                None
+            }
+            ApiError::MethodNotAllowed { allow } => {
+                res.insert_header((header::ALLOW, *allow));
                 None
             }
             ApiError::TooManyRequests { retry_after } => {

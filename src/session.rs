@@ -119,7 +119,8 @@ impl SessionService {
                 settings.clock_leeway.as_secs(),
                 settings.max_token_bytes,
                 settings.verified_token_cache,
-            ),
+            )
+            .with_max_lifetime(settings.absolute_lifetime),
             policy: Policy {
                 idle: settings.idle_timeout,
                 absolute: settings.absolute_lifetime,
@@ -238,11 +239,20 @@ impl SessionService {
         full_record: bool,
     ) -> Result<ActiveSession, ServiceError> {
         let (verified, state) = self.check_token(token)?;
-        let touch_ms = match reauth {
-            // Introspection and listing are not user activity… but verify is.
-            Reauth::Enforce { .. } => self.policy.touch.as_millis() as i64,
-            Reauth::Ignore => -1,
+        // Introspection and listing are not user activity: no touch, no
+        // password-age policy. Verify is: touch, and enforce the policy in
+        // the same round trip (a refused verify does not slide the expiry).
+        let (touch_ms, limit_s) = match reauth {
+            Reauth::Enforce { max_age } => {
+                let mut limit_s = self.policy.reauth_after.as_secs();
+                if let Some(max_age) = max_age {
+                    limit_s = limit_s.min(max_age);
+                }
+                (self.policy.touch.as_millis() as i64, Some(limit_s))
+            }
+            Reauth::Ignore => (-1, None),
         };
+        let max_auth_age_ms = limit_s.map_or(-1, |s| (s as i64).saturating_mul(1000));
         let live = self
             .store
             .verify(
@@ -251,19 +261,13 @@ impl SessionService {
                 &verified.device,
                 self.liveness(&state),
                 touch_ms,
+                max_auth_age_ms,
                 full_record,
             )
             .await?
             .ok_or(ServiceError::SessionGone)?;
-        if let Reauth::Enforce { max_age } = reauth {
-            let mut limit_s = self.policy.reauth_after.as_secs();
-            if let Some(max_age) = max_age {
-                limit_s = limit_s.min(max_age);
-            }
-            let age_ms = live.now_ms - live.auth_time_ms;
-            if age_ms > (limit_s as i64).saturating_mul(1000) {
-                return Err(ServiceError::InsufficientAuth { max_age: limit_s });
-            }
+        if let (true, Some(max_age)) = (live.reauth_needed, limit_s) {
+            return Err(ServiceError::InsufficientAuth { max_age });
         }
         Ok(ActiveSession {
             token: verified,

@@ -192,6 +192,7 @@ pub struct TokenCodec {
     validation: Validation,
     cache: Mutex<HashMap<Box<str>, Arc<VerifiedToken>>>,
     cache_capacity: usize,
+    max_lifetime_s: Option<u64>,
 }
 
 impl TokenCodec {
@@ -231,7 +232,15 @@ impl TokenCodec {
             validation,
             cache: Mutex::new(HashMap::new()),
             cache_capacity,
+            max_lifetime_s: None,
         }
+    }
+
+    /// Refuses tokens whose `exp` lies more than `lifetime` (plus leeway)
+    /// after their `iat`: sessiongate never issues such tokens.
+    pub fn with_max_lifetime(mut self, lifetime: std::time::Duration) -> TokenCodec {
+        self.max_lifetime_s = Some(lifetime.as_secs());
+        self
     }
 
     pub fn issuer(&self) -> &str {
@@ -263,7 +272,7 @@ impl TokenCodec {
         let cached = self.lock_cache().get(token).cloned();
         if let Some(hit) = cached {
             ring.get(&hit.kid, now_ms).ok_or(TokenError::UnknownKey)?;
-            if hit.exp + self.leeway_s < (now_ms / 1000).max(0) as u64 {
+            if hit.exp.saturating_add(self.leeway_s) < (now_ms / 1000).max(0) as u64 {
                 return Err(TokenError::Expired);
             }
             return Ok(hit);
@@ -279,7 +288,9 @@ impl TokenCodec {
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<VerifiedToken>>> {
-        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn verify_uncached(
@@ -317,11 +328,20 @@ impl TokenCodec {
         )?;
         let claims = data.claims;
         let now_s = (now_ms / 1000).max(0) as u64;
-        if claims.iat > now_s + self.leeway_s {
+        if claims.iat > now_s.saturating_add(self.leeway_s) {
             return Err(TokenError::NotYetValid);
         }
-        if claims.exp + self.leeway_s < now_s {
+        if claims.exp.saturating_add(self.leeway_s) < now_s {
             return Err(TokenError::Expired);
+        }
+        if let Some(lifetime) = self.max_lifetime_s
+            && claims.exp
+                > claims
+                    .iat
+                    .saturating_add(lifetime)
+                    .saturating_add(self.leeway_s)
+        {
+            return Err(TokenError::Claims);
         }
         let user = UserId::parse(&claims.sub).map_err(|_| TokenError::Claims)?;
         let session = SessionId::parse(&claims.sid).map_err(|_| TokenError::Claims)?;

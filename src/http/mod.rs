@@ -40,7 +40,7 @@ pub struct AppState {
         description = "Revocable sessions for token-based apps: signed JWTs backed by Redis records."
     ),
     paths(
-        verify::verify,
+        verify::verify, verify::verify_tail_doc,
         sessions::create, sessions::current, sessions::logout, sessions::list,
         sessions::logout_others, sessions::logout_one, sessions::reauth,
         admin::list_user, admin::revoke_user, admin::revoke_device, admin::revoke_session,
@@ -80,7 +80,9 @@ impl Modify for SecuritySchemes {
 
 /// Registers every route, with JSON errors for bad bodies and unknown routes.
 pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
-    let not_allowed = || web::to(|| async { Err::<String, _>(ApiError::MethodNotAllowed) });
+    let not_allowed = |allow: &'static str| {
+        web::to(move || async move { Err::<String, _>(ApiError::MethodNotAllowed { allow }) })
+    };
     cfg.app_data(
         web::JsonConfig::default()
             .limit(body_limit)
@@ -106,59 +108,79 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
             .route(web::post().to(sessions::create))
             .route(web::get().to(sessions::list))
             .route(web::delete().to(sessions::logout_others))
-            .default_service(not_allowed()),
+            .default_service(not_allowed("GET, POST, DELETE")),
     )
     .service(
         web::resource("/v1/sessions/current")
             .route(web::get().to(sessions::current))
             .route(web::delete().to(sessions::logout))
-            .default_service(not_allowed()),
+            .default_service(not_allowed("GET, DELETE")),
     )
     .service(
         web::resource("/v1/sessions/{session_id}")
             .route(web::delete().to(sessions::logout_one))
-            .default_service(not_allowed()),
+            .default_service(not_allowed("DELETE")),
     )
     .service(
         web::resource("/v1/sessions/{session_id}/reauth")
             .route(web::post().to(sessions::reauth))
-            .default_service(not_allowed()),
+            .default_service(not_allowed("POST")),
     )
     .service(
         web::resource("/v1/admin/users/{user_id}/sessions")
             .route(web::get().to(admin::list_user))
             .route(web::delete().to(admin::revoke_user))
-            .default_service(not_allowed()),
+            .default_service(not_allowed("GET, DELETE")),
     )
     .service(
         web::resource("/v1/admin/users/{user_id}/devices/{device_id}")
             .route(web::delete().to(admin::revoke_device))
-            .default_service(not_allowed()),
+            .default_service(not_allowed("DELETE")),
     )
     .service(
         web::resource("/v1/admin/sessions/{session_id}")
             .route(web::delete().to(admin::revoke_session))
-            .default_service(not_allowed()),
+            .default_service(not_allowed("DELETE")),
     )
     .service(
         web::resource("/v1/admin/logout-all")
             .route(web::post().to(admin::logout_all))
-            .default_service(not_allowed()),
+            .default_service(not_allowed("POST")),
     )
     .service(
         web::resource("/v1/admin/keys/rotate")
             .route(web::post().to(admin::rotate_key))
-            .default_service(not_allowed()),
+            .default_service(not_allowed("POST")),
     )
     .service(
         web::resource("/v1/introspect")
             .route(web::post().to(introspect::introspect))
-            .default_service(not_allowed()),
+            .default_service(not_allowed("POST")),
     )
-    .route("/healthz", web::get().to(health::healthz))
-    .route("/readyz", web::get().to(health::readyz))
-    .route("/metrics", web::get().to(health::metrics))
-    .route("/openapi.json", web::get().to(health::openapi))
+    .service(
+        web::resource("/healthz")
+            .route(web::get().to(health::healthz))
+            .route(web::head().to(health::healthz))
+            .default_service(not_allowed("GET, HEAD")),
+    )
+    .service(
+        web::resource("/readyz")
+            .route(web::get().to(health::readyz))
+            .route(web::head().to(health::readyz))
+            .default_service(not_allowed("GET, HEAD")),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(health::metrics))
+            .route(web::head().to(health::metrics))
+            .default_service(not_allowed("GET, HEAD")),
+    )
+    .service(
+        web::resource("/openapi.json")
+            .route(web::get().to(health::openapi))
+            .route(web::head().to(health::openapi))
+            .default_service(not_allowed("GET, HEAD")),
+    )
     .default_service(web::to(|| async { Err::<String, _>(ApiError::NoRoute) }));
 }
 

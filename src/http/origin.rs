@@ -75,7 +75,7 @@ impl OriginPolicy {
             })
             .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
             .ok_or(ApiError::CrossSite)?;
-        if self.allowed_origins.iter().any(|a| *a == origin) {
+        if self.allowed_origins.contains(&origin) {
             return Ok(());
         }
         let (scheme, authority) = origin.split_once("://").ok_or(ApiError::CrossSite)?;

@@ -26,7 +26,7 @@ pub struct VerifyQuery {
 
 /// Verify a user's token: signature in-process, then the session in Redis.
 #[utoipa::path(
-    get,
+    method(get, head, post, put, patch, delete, options),
     path = "/v1/verify",
     tag = "verify",
     params(VerifyQuery),
@@ -43,6 +43,7 @@ pub struct VerifyQuery {
             )),
         (status = 400, description = "Bad max_age", body = crate::error::ErrorBody),
         (status = 401, description = "invalid_token or insufficient_user_authentication", body = crate::error::ErrorBody),
+        (status = 403, description = "forbidden: a cookie-carried token on a cross-site unsafe request", body = crate::error::ErrorBody),
         (status = 503, description = "store_unavailable", body = crate::error::ErrorBody),
     )
 )]
@@ -83,10 +84,30 @@ async fn verify_inner(req: &HttpRequest, state: &AppState) -> Result<HttpRespons
         .finish())
 }
 
+/// The same check, for gateways that append the original path (Envoy
+/// `ext_authz` with `path_prefix: /v1/verify`). Served by [`verify`].
+#[utoipa::path(
+    method(get, head, post, put, patch, delete, options),
+    path = "/v1/verify/{tail}",
+    tag = "verify",
+    params(("tail" = String, Path, description = "the original request path (ignored)"), VerifyQuery),
+    security(("session_token" = [])),
+    responses(
+        (status = 200, description = "The session is alive (same headers as /v1/verify)"),
+        (status = 400, body = crate::error::ErrorBody),
+        (status = 401, body = crate::error::ErrorBody),
+        (status = 403, body = crate::error::ErrorBody),
+        (status = 503, body = crate::error::ErrorBody),
+    )
+)]
+#[allow(dead_code)]
+fn verify_tail_doc() {}
+
 /// Reads `max_age` from the query string, ignoring every other parameter
 /// (gateways may forward the original request's query).
 fn max_age(query: &str) -> Result<Option<u64>, ApiError> {
-    if !query.contains("max_age") {
+    // Cheap pre-check; "max" also catches a percent-encoded "max%5Fage".
+    if !query.contains("max") {
         return Ok(None);
     }
     let parsed: VerifyQuery = serde_urlencoded::from_str::<Vec<(String, String)>>(query)

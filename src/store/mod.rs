@@ -99,6 +99,8 @@ pub struct SessionRecord {
 /// What verify learnt about a live session.
 #[derive(Debug, Clone)]
 pub struct LiveSession {
+    /// The password check is older than the age the caller allowed.
+    pub reauth_needed: bool,
     pub created_ms: i64,
     pub auth_time_ms: i64,
     /// Redis's clock at the time of the check.
@@ -317,9 +319,11 @@ impl Store {
     }
 
     /// The hot path: one EVALSHA confirming a session. `touch_ms` < 0 never
-    /// writes. The reply must echo this session's field and device, else the
-    /// connection is dropped and the call fails (a reply is never trusted
-    /// for another request).
+    /// writes; `max_auth_age_ms` < 0 skips the password-age check (a session
+    /// failing it is reported, and not slid). The reply must echo this
+    /// session's field and device, else the connection is dropped and the
+    /// call fails (a reply is never trusted for another request).
+    #[allow(clippy::too_many_arguments)]
     pub async fn verify(
         &self,
         user: &UserId,
@@ -327,6 +331,7 @@ impl Store {
         device: &DeviceId,
         live: Liveness,
         touch_ms: i64,
+        max_auth_age_ms: i64,
         full: bool,
     ) -> Result<Option<LiveSession>, StoreError> {
         let mut inv = self.scripts.verify.prepare_invoke();
@@ -337,10 +342,12 @@ impl Store {
             .arg(live.idle_ms)
             .arg(touch_ms)
             .arg(live.cutoff_ms)
-            .arg(if full { "1" } else { "0" });
+            .arg(if full { "1" } else { "0" })
+            .arg(max_auth_age_ms);
         let reply: Vec<Value> = self.run(&inv).await?;
         let mut it = reply.into_iter();
-        if int(it.next())? == 0 {
+        let status = int(it.next())?;
+        if status == 0 {
             return Ok(None);
         }
         let field = text(it.next())?;
@@ -368,6 +375,7 @@ impl Store {
             None
         };
         Ok(Some(LiveSession {
+            reauth_needed: status == 2,
             created_ms,
             auth_time_ms,
             now_ms,

@@ -7,10 +7,13 @@
 -- ARGV[1]  session field   ARGV[2] user id      ARGV[3] device id
 -- ARGV[4]  idle timeout ms ARGV[5] touch interval ms (-1: never touch)
 -- ARGV[6]  global cutoff ms ARGV[7] "1" to return the full record
+-- ARGV[8]  largest password age ms allowed (-1: not checked)
 -- Returns  {0} when the session is not alive (gone, expired, revoked, or not
 --          this user's / device's); else
---          {1, field, device_id, created_ms, auth_time_ms, now_ms
+--          {status, field, device_id, created_ms, auth_time_ms, now_ms
 --           [, last_seen_ms, expires_ms, metadata_json]}
+--          with status 1 (alive) or 2 (alive, but the password is older than
+--          ARGV[8]: refused, so the idle expiry is not slid)
 local key, field = KEYS[1], ARGV[1]
 local blob = redis.call('HGET', key, field)
 if not blob then
@@ -27,8 +30,13 @@ end
 if rec[5] ~= ARGV[3] or redis.call('HGET', key, '!u') ~= ARGV[2] then
   return {0}
 end
+local status = 1
+local max_auth_age = tonumber(ARGV[8])
+if max_auth_age >= 0 and now - rec[3] > max_auth_age then
+  status = 2
+end
 local touch = tonumber(ARGV[5])
-if touch >= 0 and now - rec[2] >= touch then
+if status == 1 and touch >= 0 and now - rec[2] >= touch then
   rec[2] = now
   redis.call('HSET', key, field, cmsgpack.pack(rec))
   local want = deadline(rec, idle)
@@ -37,6 +45,6 @@ if touch >= 0 and now - rec[2] >= touch then
   end
 end
 if ARGV[7] == '1' then
-  return {1, field, rec[5], rec[1], rec[3], now, rec[2], rec[4], rec[6]}
+  return {status, field, rec[5], rec[1], rec[3], now, rec[2], rec[4], rec[6]}
 end
-return {1, field, rec[5], rec[1], rec[3], now}
+return {status, field, rec[5], rec[1], rec[3], now}
