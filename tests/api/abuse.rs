@@ -18,7 +18,12 @@ async fn oversized_headers_get_431() {
         .send()
         .await
         .unwrap();
-    assert_error(res, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large").await;
+    assert_error(
+        res,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "headers_too_large",
+    )
+    .await;
     // Just under the limit passes.
     let res = app
         .request(reqwest::Method::GET, "/healthz")
@@ -35,16 +40,26 @@ async fn a_slow_client_is_cut_off_after_the_header_timeout() {
     let port = app.port;
     let (took, answer) = tokio::task::spawn_blocking(move || {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let started = Instant::now();
-        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
         let mut answer = Vec::new();
         let _ = stream.read_to_end(&mut answer);
-        (started.elapsed(), String::from_utf8_lossy(&answer).to_string())
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&answer).to_string(),
+        )
     })
     .await
     .unwrap();
-    assert!(took < Duration::from_secs(3), "connection held for {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "connection held for {took:?}"
+    );
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
         "unexpected answer {answer:?}"
@@ -53,18 +68,32 @@ async fn a_slow_client_is_cut_off_after_the_header_timeout() {
 
 #[tokio::test]
 async fn repeated_wrong_keys_get_429_for_that_address_only() {
-    let app = spawn_app_with(&[("API_KEY_FAILURE_LIMIT", "3"), ("API_KEY_FAILURE_WINDOW", "60s")]).await;
+    let app = spawn_app_with(&[
+        ("API_KEY_FAILURE_LIMIT", "3"),
+        ("API_KEY_FAILURE_WINDOW", "60s"),
+    ])
+    .await;
     let attacker = reqwest::Client::builder()
         .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
         .build()
         .unwrap();
     let logout_all = format!("{}/v1/admin/logout-all", app.address);
     for _ in 0..3 {
-        let res = attacker.post(&logout_all).bearer_auth("x".repeat(40)).send().await.unwrap();
+        let res = attacker
+            .post(&logout_all)
+            .bearer_auth("x".repeat(40))
+            .send()
+            .await
+            .unwrap();
         assert_error(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
     // Blocked now, even with the right key.
-    let res = attacker.post(&logout_all).bearer_auth(ADMIN_KEY).send().await.unwrap();
+    let res = attacker
+        .post(&logout_all)
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
     assert!(res.headers().get("retry-after").is_some());
     assert_error(res, StatusCode::TOO_MANY_REQUESTS, "too_many_requests").await;
     // Another caller is unaffected.
@@ -89,7 +118,11 @@ async fn revoke_before_command_revokes_every_earlier_session() {
         .output()
         .await
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(String::from_utf8_lossy(&output.stdout).contains("cutoff"));
     eventually(Duration::from_secs(1), || async {
         app.verify_status(&old.token).await == StatusCode::UNAUTHORIZED
@@ -113,5 +146,8 @@ async fn a_bad_setting_stops_start_up_naming_the_variable() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("SESSIONGATE_SIGNING_SECRET"), "{stderr}");
-    assert!(!stderr.contains("too-short"), "the secret was echoed: {stderr}");
+    assert!(
+        !stderr.contains("too-short"),
+        "the secret was echoed: {stderr}"
+    );
 }
