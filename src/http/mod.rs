@@ -99,10 +99,10 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
         web::QueryConfig::default()
             .error_handler(|_, _| ApiError::InvalidRequest("malformed query string".into()).into()),
     )
-    .service(
-        web::resource(["/v1/verify", "/v1/verify/{tail:.*}"])
-            .route(web::route().to(verify::verify)),
-    )
+    // The hot path first, as a static path (matched by comparison, not by
+    // the router's regex engine); the `{tail}` form right after.
+    .service(web::resource("/v1/verify").route(web::route().to(verify::verify)))
+    .service(web::resource("/v1/verify/{tail:.*}").route(web::route().to(verify::verify)))
     .service(
         web::resource("/v1/sessions")
             .route(web::post().to(sessions::create))
