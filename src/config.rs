@@ -136,7 +136,10 @@ impl Layers {
             .expect("config/default.toml is valid TOML");
         let source = table
             .keys()
-            .map(|k| (k.clone(), format!("{k} (default)")))
+            .map(|k| {
+                let var = format!("{ENV_PREFIX}{}", k.to_ascii_uppercase());
+                (k.clone(), format!("{var} (not set; default)"))
+            })
             .collect();
         Layers { table, source }
     }
@@ -505,10 +508,7 @@ mod tests {
             let mut env = required();
             env.retain(|(k, _)| *k != var);
             let err = Settings::load(&env_with(&env)).unwrap_err();
-            assert!(
-                err.to_string().contains(&var.to_ascii_lowercase()[12..]),
-                "{err}"
-            );
+            assert!(err.to_string().contains(var), "{err}");
             env.push((var, "short"));
             let err = Settings::load(&env_with(&env)).unwrap_err();
             assert_eq!(err.setting, var);

@@ -4,7 +4,8 @@
 //! JWT pointing at it; gateways call `/v1/verify` on every request, which
 //! checks the signature in-process and the record in Redis in one round
 //! trip. Deleting the record is a logout that takes effect on the next
-//! request. The contract is `API.md`; this crate is the service.
+//! request. The HTTP contract is served as `/openapi.json`; the threat model
+//! is `SECURITY.md`.
 //!
 //! # Layout
 //! - [`config`]: settings (defaults, TOML, `SESSIONGATE_*`), validated once.

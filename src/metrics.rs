@@ -23,15 +23,17 @@ pub enum VerifyOutcome {
     InvalidToken,
     InsufficientAuth,
     StoreUnavailable,
+    Forbidden,
     BadRequest,
 }
 
 impl VerifyOutcome {
-    const ALL: [VerifyOutcome; 5] = [
+    const ALL: [VerifyOutcome; 6] = [
         VerifyOutcome::Ok,
         VerifyOutcome::InvalidToken,
         VerifyOutcome::InsufficientAuth,
         VerifyOutcome::StoreUnavailable,
+        VerifyOutcome::Forbidden,
         VerifyOutcome::BadRequest,
     ];
 
@@ -41,6 +43,7 @@ impl VerifyOutcome {
             VerifyOutcome::InvalidToken => "invalid_token",
             VerifyOutcome::InsufficientAuth => "insufficient_user_authentication",
             VerifyOutcome::StoreUnavailable => "store_unavailable",
+            VerifyOutcome::Forbidden => "forbidden",
             VerifyOutcome::BadRequest => "invalid_request",
         }
     }
@@ -48,7 +51,7 @@ impl VerifyOutcome {
 
 pub struct Metrics {
     registry: Registry,
-    verify: [IntCounter; 5],
+    verify: [IntCounter; 6],
     verify_seconds: Histogram,
     redis_errors: IntCounterVec,
     pub pool: IntGaugeVec,

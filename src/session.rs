@@ -339,9 +339,11 @@ impl SessionService {
         self.metrics.revoked("logout_all", 0);
         let this = Arc::clone(self);
         tokio::spawn(async move {
+            // Judge liveness by time alone, so the purge counts the sessions
+            // this cutoff revoked (they are all dead under the new cutoff).
             let live = Liveness {
                 idle_ms: this.policy.idle.as_millis() as i64,
-                cutoff_ms: cutoff,
+                cutoff_ms: 0,
             };
             match this.store.purge_before(cutoff, live).await {
                 Ok(n) => {

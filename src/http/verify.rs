@@ -58,6 +58,7 @@ pub async fn verify(
         Err(ApiError::InvalidToken) => VerifyOutcome::InvalidToken,
         Err(ApiError::InsufficientAuth { .. }) => VerifyOutcome::InsufficientAuth,
         Err(ApiError::StoreUnavailable) => VerifyOutcome::StoreUnavailable,
+        Err(ApiError::CrossSite) => VerifyOutcome::Forbidden,
         Err(_) => VerifyOutcome::BadRequest,
     };
     state

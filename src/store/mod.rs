@@ -17,7 +17,7 @@ pub mod keys;
 
 use std::cell::RefCell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_redis::{Manager, Pool, Runtime};
@@ -42,10 +42,33 @@ const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
 
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
 
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// One thread's request-path connection to one store.
+struct LocalConnection {
+    store: u64,
+    /// Unique per opened connection, so stale timeouts are not held against
+    /// a newer one.
+    generation: u64,
+    conn: MultiplexedConnection,
+    timeouts: u32,
+}
+
 thread_local! {
-    /// This thread's request-path connection, per store.
-    static LOCAL_CONNECTIONS: RefCell<Vec<(u64, MultiplexedConnection)>> =
-        const { RefCell::new(Vec::new()) };
+    static LOCAL_CONNECTIONS: RefCell<Vec<LocalConnection>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Delays the next connection attempt unless forgotten (on success).
+struct BackoffOnDrop<'a>(&'a Store);
+
+impl Drop for BackoffOnDrop<'_> {
+    fn drop(&mut self) {
+        let store = self.0;
+        let until = store.clock.elapsed() + store.reconnect_backoff;
+        store
+            .next_connect_ms
+            .store(until.as_millis() as u64, Ordering::Relaxed);
+    }
 }
 
 /// Why the store could not answer. Every kind means 503 to the client.
@@ -184,7 +207,10 @@ pub struct Store {
     client: redis::Client,
     connection_config: AsyncConnectionConfig,
     reconnecting: tokio::sync::Mutex<()>,
-    timeouts_in_row: AtomicU32,
+    /// Monotonic origin for `next_connect_ms`.
+    clock: std::time::Instant,
+    next_connect_ms: AtomicU64,
+    reconnect_backoff: Duration,
     timeout: Duration,
     keys: KeySchema,
     scripts: Scripts,
@@ -221,7 +247,9 @@ impl Store {
             client,
             connection_config: config,
             reconnecting: tokio::sync::Mutex::new(()),
-            timeouts_in_row: AtomicU32::new(0),
+            clock: std::time::Instant::now(),
+            next_connect_ms: AtomicU64::new(0),
+            reconnect_backoff: timeout.min(Duration::from_millis(200)),
             timeout,
             keys,
             scripts: Scripts {
@@ -244,50 +272,109 @@ impl Store {
         self.pool.status()
     }
 
-    fn local_connection(&self) -> Option<MultiplexedConnection> {
+    fn local_connection(&self) -> Option<(u64, MultiplexedConnection)> {
         LOCAL_CONNECTIONS.with(|c| {
             c.borrow()
                 .iter()
-                .find(|(id, _)| *id == self.id)
-                .map(|(_, conn)| conn.clone())
+                .find(|l| l.store == self.id)
+                .map(|l| (l.generation, l.conn.clone()))
         })
     }
 
-    /// This thread's connection, opened when there is none (one opening at
-    /// a time, so an outage does not cause a connection storm).
-    async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
-        if let Some(conn) = self.local_connection() {
-            return Ok(conn);
+    /// This thread's connection, opened when there is none. One opening at
+    /// a time, and after a failed opening none for `reconnect_backoff`, so an
+    /// outage costs a connection attempt per backoff, not one per request.
+    async fn connection(&self) -> Result<(u64, MultiplexedConnection), StoreError> {
+        if let Some(found) = self.local_connection() {
+            return Ok(found);
         }
         let _guard = self.reconnecting.lock().await;
-        if let Some(conn) = self.local_connection() {
-            return Ok(conn);
+        if let Some(found) = self.local_connection() {
+            return Ok(found);
         }
+        if self.clock.elapsed().as_millis() < self.next_connect_ms.load(Ordering::Relaxed) as u128 {
+            return Err(StoreError::Connection(
+                "Redis unreachable; waiting before reconnecting".into(),
+            ));
+        }
+        // Armed until the connection is up: a failure, or this future being
+        // dropped at its deadline, delays the next attempt.
+        let backoff = BackoffOnDrop(self);
         let conn = self
             .client
             .get_multiplexed_async_connection_with_config(&self.connection_config)
             .await
             .map_err(|e| StoreError::from_redis(&e))?;
-        LOCAL_CONNECTIONS.with(|c| c.borrow_mut().push((self.id, conn.clone())));
-        Ok(conn)
+        std::mem::forget(backoff);
+        let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
+        LOCAL_CONNECTIONS.with(|c| {
+            c.borrow_mut().push(LocalConnection {
+                store: self.id,
+                generation,
+                conn: conn.clone(),
+                timeouts: 0,
+            })
+        });
+        Ok((generation, conn))
     }
 
-    /// Drops this thread's connection; the next call opens a new one.
-    fn forget_connection(&self) {
-        LOCAL_CONNECTIONS.with(|c| c.borrow_mut().retain(|(id, _)| *id != self.id));
+    /// Drops this thread's connection if it is still `generation`; the next
+    /// call opens a new one.
+    fn forget_connection(&self, generation: u64) {
+        LOCAL_CONNECTIONS.with(|c| {
+            c.borrow_mut()
+                .retain(|l| !(l.store == self.id && l.generation == generation))
+        });
     }
 
-    /// Runs one script invocation on the shared connection, bounded in time.
-    async fn run<T: FromRedisValue>(
-        &self,
-        invocation: &ScriptInvocation<'_>,
-    ) -> Result<T, StoreError> {
+    /// Counts a timeout against the connection that timed out; after
+    /// `TIMEOUTS_BEFORE_RECONNECT` in a row it is replaced. Timeouts of
+    /// requests sent on an older connection do not count against a new one.
+    fn count_timeout(&self, generation: u64) {
+        let worn_out = LOCAL_CONNECTIONS.with(|c| {
+            let mut conns = c.borrow_mut();
+            let Some(l) = conns
+                .iter_mut()
+                .find(|l| l.store == self.id && l.generation == generation)
+            else {
+                return false;
+            };
+            l.timeouts += 1;
+            l.timeouts >= TIMEOUTS_BEFORE_RECONNECT
+        });
+        if worn_out {
+            self.forget_connection(generation);
+        }
+    }
+
+    fn reset_timeouts(&self, generation: u64) {
+        LOCAL_CONNECTIONS.with(|c| {
+            if let Some(l) = c
+                .borrow_mut()
+                .iter_mut()
+                .find(|l| l.store == self.id && l.generation == generation)
+            {
+                l.timeouts = 0;
+            }
+        });
+    }
+
+    /// Runs `op` on this thread's connection, bounded by the timeout, and
+    /// keeps the connection's health books.
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
+    {
+        // The generation used (0: none yet); atomic only to keep the future Send.
+        let used = AtomicU64::new(0);
         let attempt = async {
-            let mut conn = self.connection().await?;
-            invocation.invoke_async(&mut conn).await.map_err(|e| {
+            let (generation, conn) = self.connection().await?;
+            used.store(generation, Ordering::Relaxed);
+            op(conn).await.map_err(|e| {
                 let err = StoreError::from_redis(&e);
                 if matches!(err, StoreError::Connection(_)) || e.is_unrecoverable_error() {
-                    self.forget_connection();
+                    self.forget_connection(generation);
                 }
                 err
             })
@@ -296,26 +383,27 @@ impl Store {
             Ok(result) => result,
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         };
-        self.account(&result);
+        let used = Some(used.into_inner()).filter(|g| *g != 0);
+        match (&result, used) {
+            (Ok(_), Some(generation)) => self.reset_timeouts(generation),
+            (Err(err), generation) => {
+                self.metrics.redis_error(err.kind());
+                if let (StoreError::Timeout(_), Some(generation)) = (err, generation) {
+                    self.count_timeout(generation);
+                }
+            }
+            _ => {}
+        }
         result
     }
 
-    fn account<T>(&self, result: &Result<T, StoreError>) {
-        match result {
-            Ok(_) => {
-                self.timeouts_in_row.store(0, Ordering::Relaxed);
-            }
-            Err(err) => {
-                self.metrics.redis_error(err.kind());
-                if matches!(err, StoreError::Timeout(_))
-                    && self.timeouts_in_row.fetch_add(1, Ordering::Relaxed) + 1
-                        >= TIMEOUTS_BEFORE_RECONNECT
-                {
-                    self.timeouts_in_row.store(0, Ordering::Relaxed);
-                    self.forget_connection();
-                }
-            }
-        }
+    /// Runs one script invocation, bounded in time.
+    async fn run<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await
     }
 
     /// The hot path: one EVALSHA confirming a session. `touch_ms` < 0 never
@@ -353,7 +441,9 @@ impl Store {
         let field = text(it.next())?;
         let device_id = text(it.next())?;
         if field != session.field() || device_id != device.as_str() {
-            self.forget_connection();
+            // Replies on this connection can no longer be matched to
+            // requests: drop it.
+            LOCAL_CONNECTIONS.with(|c| c.borrow_mut().retain(|l| l.store != self.id));
             let err = StoreError::Protocol("verify reply for another session".into());
             self.metrics.redis_error(err.kind());
             return Err(err);
@@ -499,43 +589,25 @@ impl Store {
 
     /// Reads the global state without changing it: `(cutoff, ring)`.
     pub async fn read_global(&self) -> Result<(Option<i64>, Option<String>), StoreError> {
-        let attempt = async {
-            let mut conn = self.connection().await?;
+        let key = self.keys.global();
+        self.call(|mut conn| async move {
             redis::cmd("HMGET")
-                .arg(self.keys.global())
+                .arg(key)
                 .arg("cutoff")
                 .arg("ring")
-                .query_async::<(Option<i64>, Option<String>)>(&mut conn)
+                .query_async(&mut conn)
                 .await
-                .map_err(|e| {
-                    let err = StoreError::from_redis(&e);
-                    if matches!(err, StoreError::Connection(_)) {
-                        self.forget_connection();
-                    }
-                    err
-                })
-        };
-        let result = tokio::time::timeout(self.timeout, attempt)
-            .await
-            .unwrap_or(Err(StoreError::Timeout(self.timeout)));
-        self.account(&result);
-        result
+        })
+        .await
     }
 
-    /// PING on the shared connection, for `/readyz`.
+    /// PING on this thread's connection, for `/readyz`.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let attempt = async {
-            let mut conn = self.connection().await?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .map_err(|e| StoreError::from_redis(&e))
-        };
-        let result = tokio::time::timeout(self.timeout, attempt)
-            .await
-            .unwrap_or(Err(StoreError::Timeout(self.timeout)));
-        self.account(&result);
-        result.map(|_| ())
+        self.call(
+            |mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await },
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Deletes every session created at or before `cutoff_ms`, in bounded

@@ -37,11 +37,16 @@ if max_auth_age >= 0 and now - rec[3] > max_auth_age then
 end
 local touch = tonumber(ARGV[5])
 if status == 1 and touch >= 0 and now - rec[2] >= touch then
-  rec[2] = now
-  redis.call('HSET', key, field, cmsgpack.pack(rec))
-  local want = deadline(rec, idle)
-  if redis.call('PTTL', key) < want - now then
-    redis.call('PEXPIREAT', key, want)
+  -- Best effort: when Redis refuses writes (out of memory), the session is
+  -- still confirmed; only its idle expiry is not slid this time.
+  local touched = cmsgpack.pack({rec[1], now, rec[3], rec[4], rec[5], rec[6]})
+  local ok = redis.pcall('HSET', key, field, touched)
+  if type(ok) == 'number' then
+    rec[2] = now
+    local want = deadline(rec, idle)
+    if redis.call('PTTL', key) < want - now then
+      redis.pcall('PEXPIREAT', key, want)
+    end
   end
 end
 if ARGV[7] == '1' then
