@@ -102,7 +102,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
     // The hot path first, as a static path (matched by comparison, not by
     // the router's regex engine); the `{tail}` form right after.
     .service(web::resource("/v1/verify").route(web::route().to(verify::verify)))
-    .service(web::resource("/v1/verify/{tail:.*}").route(web::route().to(verify::verify)))
+    .service(web::resource("/v1/verify/{tail:.*}").route(web::route().to(verify::verify_tail)))
     .service(
         web::resource("/v1/sessions")
             .route(web::post().to(sessions::create))

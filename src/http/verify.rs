@@ -16,6 +16,9 @@ use crate::session::{Reauth, ServiceError};
 pub const X_SESSION_USER: HeaderName = HeaderName::from_static("x-session-user");
 pub const X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
 pub const X_SESSION_DEVICE: HeaderName = HeaderName::from_static("x-session-device");
+/// A route's password-age demand sent as a header (tighten-only), for
+/// gateways that cannot add a query parameter (Envoy `ext_authz`).
+pub const MAX_AGE_HEADER: HeaderName = HeaderName::from_static("x-sessiongate-max-age");
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct VerifyQuery {
@@ -29,7 +32,10 @@ pub struct VerifyQuery {
     method(get, head, post, put, patch, delete, options),
     path = "/v1/verify",
     tag = "verify",
-    params(VerifyQuery),
+    params(
+        VerifyQuery,
+        ("X-Sessiongate-Max-Age" = Option<u64>, Header, description = "the same demand as max_age, as a header; the smaller wins"),
+    ),
     security(("session_token" = [])),
     description = "Any method is accepted, and `/v1/verify/{tail}` behaves the same \
         (for gateways that append the original path). The token comes from \
@@ -51,8 +57,26 @@ pub async fn verify(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    checked(&req, &state, true).await
+}
+
+/// `/v1/verify/{tail}`: the query string there is the original request's
+/// (the app's), so it is ignored; a route's `max_age` comes from the
+/// `X-Sessiongate-Max-Age` header the gateway adds.
+pub async fn verify_tail(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    checked(&req, &state, false).await
+}
+
+async fn checked(
+    req: &HttpRequest,
+    state: &AppState,
+    use_query: bool,
+) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let result = verify_inner(&req, &state).await;
+    let result = verify_inner(req, state, use_query).await;
     let outcome = match &result {
         Ok(_) => VerifyOutcome::Ok,
         Err(ApiError::InvalidToken) => VerifyOutcome::InvalidToken,
@@ -67,8 +91,34 @@ pub async fn verify(
     result
 }
 
-async fn verify_inner(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, ApiError> {
-    let max_age = max_age(req.query_string())?;
+async fn verify_inner(
+    req: &HttpRequest,
+    state: &AppState,
+    use_query: bool,
+) -> Result<HttpResponse, ApiError> {
+    let from_query = if use_query {
+        max_age(req.query_string())?
+    } else {
+        None
+    };
+    let from_header = match req.headers().get(MAX_AGE_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::InvalidRequest(
+                        "X-Sessiongate-Max-Age must be a whole number of seconds".into(),
+                    )
+                })?,
+        ),
+    };
+    // Each can only tighten the policy: the smallest wins.
+    let max_age = match (from_query, from_header) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     let BearerToken(token) = BearerToken::from_request_parts(req)?;
     let active = state
         .service
@@ -91,7 +141,10 @@ async fn verify_inner(req: &HttpRequest, state: &AppState) -> Result<HttpRespons
     method(get, head, post, put, patch, delete, options),
     path = "/v1/verify/{tail}",
     tag = "verify",
-    params(("tail" = String, Path, description = "the original request path (ignored)"), VerifyQuery),
+    params(
+        ("tail" = String, Path, description = "the original request path (ignored)"),
+        ("X-Sessiongate-Max-Age" = Option<u64>, Header, description = "password age demanded for this route, in seconds (the query string is the app's and is ignored here)"),
+    ),
     security(("session_token" = [])),
     responses(
         (status = 200, description = "The session is alive (same headers as /v1/verify)"),

@@ -214,3 +214,56 @@ async fn user_ids_with_key_syntax_and_unicode_stay_apart() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_tail_form_ignores_the_apps_query_and_takes_max_age_from_a_header() {
+    let app = spawn_app().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let s = app
+        .create_body(json!({"user_id": "mia", "device_id": "d", "auth_time": now - 600}))
+        .await;
+    // The app's own query never reaches the policy in the tail form.
+    let res = app
+        .verify_at("/v1/verify/shop/items?max_age=abc", &s.token)
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = app
+        .verify_at("/v1/verify/shop/items?max_age=1", &s.token)
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    // The gateway's header tightens it.
+    let res = app
+        .request(reqwest::Method::GET, "/v1/verify/account/settings")
+        .bearer_auth(&s.token)
+        .header("x-sessiongate-max-age", "300")
+        .send()
+        .await
+        .unwrap();
+    let body = assert_error(
+        res,
+        StatusCode::UNAUTHORIZED,
+        "insufficient_user_authentication",
+    )
+    .await;
+    assert_eq!(body["max_age"], 300);
+    // On the plain form the smaller of query and header wins.
+    let res = app
+        .request(reqwest::Method::GET, "/v1/verify?max_age=100000")
+        .bearer_auth(&s.token)
+        .header("x-sessiongate-max-age", "300")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res = app
+        .request(reqwest::Method::GET, "/v1/verify")
+        .bearer_auth(&s.token)
+        .header("x-sessiongate-max-age", "soon")
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, StatusCode::BAD_REQUEST, "invalid_request").await;
+}
