@@ -812,7 +812,7 @@ fn envoy_example_keeps_its_safety_settings() {
 #[test]
 fn the_docs_quote_the_shipped_configurations_exactly() {
     let docs =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/gateways.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     for (file, fence) in [
         ("nginx-site.conf", "nginx"),
         ("Caddyfile", "caddyfile"),
@@ -821,7 +821,7 @@ fn the_docs_quote_the_shipped_configurations_exactly() {
         let text = std::fs::read_to_string(harness::shipped(file)).unwrap();
         assert!(
             docs.contains(&format!("```{fence}\n{text}```\n")),
-            "docs/gateways.md does not quote config/gateways/{file} exactly"
+            "README.md does not quote config/gateways/{file} exactly"
         );
     }
 }
