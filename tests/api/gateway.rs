@@ -223,7 +223,7 @@ async fn spoofed_identity_headers_never_reach_the_app(kind: Kind) {
         ),
         // nginx replaces the names it sets and drops `_` names, but cannot
         // clear by prefix: a name sessiongate never sends (X-Session-Roles)
-        // passes. docs/gateways.md: trust only the three.
+        // passes. README (gateways): trust only the three.
         Kind::Nginx => assert_eq!(
             names,
             [
@@ -808,7 +808,7 @@ fn envoy_example_keeps_its_safety_settings() {
     }
 }
 
-/// docs/gateways.md shows the very files the tests run.
+/// The README shows the very files the tests run.
 #[test]
 fn the_docs_quote_the_shipped_configurations_exactly() {
     let docs =
