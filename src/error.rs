@@ -54,6 +54,9 @@ pub enum ApiError {
     TooManyRequests { retry_after: u64 },
     #[error("the session store is unavailable; try again shortly")]
     StoreUnavailable,
+    /// `/readyz` only: why the store is not usable (Redis's own words).
+    #[error("not ready: {0}")]
+    NotReady(String),
 }
 
 impl ApiError {
@@ -69,7 +72,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::HeadersTooLarge => "headers_too_large",
             ApiError::TooManyRequests { .. } => "too_many_requests",
-            ApiError::StoreUnavailable => "store_unavailable",
+            ApiError::StoreUnavailable | ApiError::NotReady(_) => "store_unavailable",
         }
     }
 }
@@ -108,7 +111,7 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StoreUnavailable | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -139,7 +142,7 @@ impl ResponseError for ApiError {
                 ));
                 None
             }
-            ApiError::StoreUnavailable => {
+            ApiError::StoreUnavailable | ApiError::NotReady(_) => {
                 res.insert_header((header::RETRY_AFTER, "1"));
                 None
             }

@@ -18,12 +18,13 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Status { status: "ok" })
 }
 
-/// Redis answers and the global state is fresh.
+/// Redis takes the service's scripts and writes, and the global state is
+/// fresh; otherwise 503 with the reason.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Status), (status = 503, body = ErrorBody)))]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let service = &state.service;
-    let ready = match service.store().ping().await {
+    let ready = match service.store().probe().await {
         Ok(()) => service.global().snapshot().map(|_| ()),
         Err(e) => Err(e),
     };
@@ -31,7 +32,7 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         Ok(()) => Ok(HttpResponse::Ok().json(Status { status: "ready" })),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
-            Err(ApiError::StoreUnavailable)
+            Err(ApiError::NotReady(e.to_string()))
         }
     }
 }

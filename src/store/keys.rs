@@ -52,6 +52,10 @@ impl KeySchema {
         pattern
     }
 
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn global(&self) -> &str {
         &self.global
     }

@@ -199,6 +199,7 @@ struct Scripts {
     reauth: Script,
     list: Script,
     global: Script,
+    probe: Script,
 }
 
 pub struct Store {
@@ -259,6 +260,7 @@ impl Store {
                 reauth: script!("reauth.lua"),
                 list: script!("list.lua"),
                 global: script!("global.lua"),
+                probe: Script::new(include_str!("lua/probe.lua")),
             },
             metrics,
         })
@@ -601,13 +603,13 @@ impl Store {
         .await
     }
 
-    /// PING on this thread's connection, for `/readyz`.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        self.call(
-            |mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await },
-        )
-        .await
-        .map(|_| ())
+    /// The readiness probe: a script issuing a write command that changes
+    /// nothing (see `lua/probe.lua`), so Redis says whether it would take
+    /// the service's scripts and writes.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let mut inv = self.scripts.probe.prepare_invoke();
+        inv.key(format!("{}readyz-probe", self.keys.prefix()));
+        self.run::<i64>(&inv).await.map(|_| ())
     }
 
     /// Deletes every session created at or before `cutoff_ms`, in bounded

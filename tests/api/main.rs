@@ -6,6 +6,8 @@ mod redis_server;
 
 mod abuse;
 mod admin;
+mod chaos;
+mod fault_proxy;
 mod faults;
 mod gateway;
 mod health;
