@@ -811,8 +811,7 @@ fn envoy_example_keeps_its_safety_settings() {
 /// The README shows the very files the tests run.
 #[test]
 fn the_docs_quote_the_shipped_configurations_exactly() {
-    let docs =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     for (file, fence) in [
         ("nginx-site.conf", "nginx"),
         ("Caddyfile", "caddyfile"),
