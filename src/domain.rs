@@ -119,6 +119,10 @@ impl SessionId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+    /// The user tag part, borrowed.
+    pub fn tag_str(&self) -> &str {
+        &self.0[..TAG_CHARS]
+    }
     /// The tag of the user this session belongs to.
     pub fn user_tag(&self) -> UserTag {
         UserTag(self.0[..TAG_CHARS].to_string())

@@ -82,9 +82,7 @@ pub struct CreatedSession {
 #[derive(Debug, Clone)]
 pub struct ActiveSession {
     pub token: Arc<VerifiedToken>,
-    pub created_ms: i64,
-    pub auth_time_ms: i64,
-    pub now_ms: i64,
+    /// The stored record, when asked for.
     pub record: Option<SessionRecord>,
 }
 
@@ -256,7 +254,6 @@ impl SessionService {
         let live = self
             .store
             .verify(
-                &verified.user,
                 &verified.session,
                 &verified.device,
                 self.liveness(&state),
@@ -271,9 +268,6 @@ impl SessionService {
         }
         Ok(ActiveSession {
             token: verified,
-            created_ms: live.created_ms,
-            auth_time_ms: live.auth_time_ms,
-            now_ms: live.now_ms,
             record: live.record,
         })
     }

@@ -76,7 +76,7 @@ pub async fn introspect(
                 iss: Some(state.service.issuer().to_string()),
                 exp: Some(t.exp),
                 iat: Some(t.iat),
-                auth_time: Some(active.auth_time_ms / 1000),
+                auth_time: active.record.as_ref().map(|r| r.auth_time_ms / 1000),
                 token_type: Some("Bearer"),
             }
         }

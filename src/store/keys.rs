@@ -38,6 +38,17 @@ impl KeySchema {
         key
     }
 
+    /// The hash of the user a session id belongs to (its tag is inside it).
+    pub fn user_of(&self, session: &crate::domain::SessionId) -> String {
+        let tag = session.tag_str();
+        let mut key = String::with_capacity(self.prefix.len() + tag.len() + 3);
+        key.push_str(&self.prefix);
+        key.push_str("u{");
+        key.push_str(tag);
+        key.push('}');
+        key
+    }
+
     /// `SCAN MATCH` pattern for every user hash. Built from the prefix only
     /// (glob characters in it escaped), never from a user id.
     pub fn user_pattern(&self) -> String {

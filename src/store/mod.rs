@@ -124,10 +124,6 @@ pub struct SessionRecord {
 pub struct LiveSession {
     /// The password check is older than the age the caller allowed.
     pub reauth_needed: bool,
-    pub created_ms: i64,
-    pub auth_time_ms: i64,
-    /// Redis's clock at the time of the check.
-    pub now_ms: i64,
     /// The whole record, when asked for.
     pub record: Option<SessionRecord>,
 }
@@ -416,7 +412,6 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     pub async fn verify(
         &self,
-        user: &UserId,
         session: &SessionId,
         device: &DeviceId,
         live: Liveness,
@@ -425,9 +420,8 @@ impl Store {
         full: bool,
     ) -> Result<Option<LiveSession>, StoreError> {
         let mut inv = self.scripts.verify.prepare_invoke();
-        inv.key(self.keys.user(&session.user_tag()))
+        inv.key(self.keys.user_of(session))
             .arg(session.field())
-            .arg(user.as_str())
             .arg(device.as_str())
             .arg(live.idle_ms)
             .arg(touch_ms)
@@ -440,9 +434,8 @@ impl Store {
         if status == 0 {
             return Ok(None);
         }
-        let field = text(it.next())?;
-        let device_id = text(it.next())?;
-        if field != session.field() || device_id != device.as_str() {
+        let (field, device_id) = (it.next(), it.next());
+        if !same_text(&field, session.field()) || !same_text(&device_id, device.as_str()) {
             // Replies on this connection can no longer be matched to
             // requests: drop it.
             LOCAL_CONNECTIONS.with(|c| c.borrow_mut().retain(|l| l.store != self.id));
@@ -450,17 +443,14 @@ impl Store {
             self.metrics.redis_error(err.kind());
             return Err(err);
         }
-        let created_ms = int(it.next())?;
-        let auth_time_ms = int(it.next())?;
-        let now_ms = int(it.next())?;
         let record = if full {
             Some(SessionRecord {
-                field,
-                created_ms,
+                field: session.field().to_string(),
+                created_ms: int(it.next())?,
+                auth_time_ms: int(it.next())?,
                 last_seen_ms: int(it.next())?,
-                auth_time_ms,
                 expires_ms: int(it.next())?,
-                device_id,
+                device_id: device.as_str().to_string(),
                 metadata: text(it.next())?,
             })
         } else {
@@ -468,9 +458,6 @@ impl Store {
         };
         Ok(Some(LiveSession {
             reauth_needed: status == 2,
-            created_ms,
-            auth_time_ms,
-            now_ms,
             record,
         }))
     }
@@ -669,6 +656,15 @@ impl Store {
             Ok(Err(e)) => Err(StoreError::from_redis(&e)),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
+    }
+}
+
+/// Whether a reply element is exactly this text (no allocation).
+fn same_text(v: &Option<Value>, expected: &str) -> bool {
+    match v {
+        Some(Value::BulkString(bytes)) => bytes.as_slice() == expected.as_bytes(),
+        Some(Value::SimpleString(s)) => s == expected,
+        _ => false,
     }
 }
 

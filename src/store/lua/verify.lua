@@ -3,39 +3,44 @@
 -- read-only, so AOF `appendfsync always` costs verify nothing).
 -- Never re-creates a record: it writes only after finding one, atomically.
 --
+-- The key is derived from the token's user id, and create.lua refuses a
+-- hash owned by another user id, so a record found here is that user's.
+-- Kept lean: every redis.call and every reply element costs on each request.
+--
 -- KEYS[1]  user hash
--- ARGV[1]  session field   ARGV[2] user id      ARGV[3] device id
--- ARGV[4]  idle timeout ms ARGV[5] touch interval ms (-1: never touch)
--- ARGV[6]  global cutoff ms ARGV[7] "1" to return the full record
--- ARGV[8]  largest password age ms allowed (-1: not checked)
+-- ARGV[1]  session field   ARGV[2] device id
+-- ARGV[3]  idle timeout ms ARGV[4] touch interval ms (-1: never touch)
+-- ARGV[5]  global cutoff ms ARGV[6] "1" to return the full record
+-- ARGV[7]  largest password age ms allowed (-1: not checked)
 -- Returns  {0} when the session is not alive (gone, expired, revoked, or not
---          this user's / device's); else
---          {status, field, device_id, created_ms, auth_time_ms, now_ms
---           [, last_seen_ms, expires_ms, metadata_json]}
+--          this device's); else
+--          {status, field, device_id
+--           [, created_ms, auth_time_ms, last_seen_ms, expires_ms, metadata_json]}
 --          with status 1 (alive) or 2 (alive, but the password is older than
---          ARGV[8]: refused, so the idle expiry is not slid)
+--          ARGV[7]: refused, so the idle expiry is not slid). Field and
+--          device are echoed so the caller can match reply to request.
 local key, field = KEYS[1], ARGV[1]
 local blob = redis.call('HGET', key, field)
 if not blob then
   return {0}
 end
 local now = now_ms()
-local idle = tonumber(ARGV[4])
+local idle = tonumber(ARGV[3])
 local rec = cmsgpack.unpack(blob)
-if not alive(rec, now, idle, tonumber(ARGV[6])) then
+if not alive(rec, now, idle, tonumber(ARGV[5])) then
   redis.call('HDEL', key, field)
   drop_if_empty(key)
   return {0}
 end
-if rec[5] ~= ARGV[3] or redis.call('HGET', key, '!u') ~= ARGV[2] then
+if rec[5] ~= ARGV[2] then
   return {0}
 end
 local status = 1
-local max_auth_age = tonumber(ARGV[8])
+local max_auth_age = tonumber(ARGV[7])
 if max_auth_age >= 0 and now - rec[3] > max_auth_age then
   status = 2
 end
-local touch = tonumber(ARGV[5])
+local touch = tonumber(ARGV[4])
 if status == 1 and touch >= 0 and now - rec[2] >= touch then
   -- Best effort: when Redis refuses writes (out of memory), the session is
   -- still confirmed; only its idle expiry is not slid this time.
@@ -49,7 +54,7 @@ if status == 1 and touch >= 0 and now - rec[2] >= touch then
     end
   end
 end
-if ARGV[7] == '1' then
-  return {status, field, rec[5], rec[1], rec[3], now, rec[2], rec[4], rec[6]}
+if ARGV[6] == '1' then
+  return {status, field, rec[5], rec[1], rec[3], rec[2], rec[4], rec[6]}
 end
-return {status, field, rec[5], rec[1], rec[3], now}
+return {status, field, rec[5]}
