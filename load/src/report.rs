@@ -1,0 +1,354 @@
+//! The end of a run: the summary table, the JSON report, the plot, and the
+//! exit status.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde_json::{Map, Value, json};
+
+use crate::plot::{Chart, Series, svg};
+use crate::stats::{Stats, latency_json};
+use crate::tokens::Safety;
+use crate::{Failure, RunArgs, Scenario};
+
+/// Propagation results of one revocation kind.
+pub struct PropKind {
+    pub name: &'static str,
+    /// Microseconds from A's acknowledgement to B's first 401.
+    pub hist: Histogram<u64>,
+    pub rounds: u64,
+    pub not_propagated: u64,
+    pub accepted_after_ack: u64,
+    pub failed: u64,
+}
+
+pub struct Report<'a> {
+    pub args: &'a RunArgs,
+    pub threads: usize,
+    pub targets: Vec<String>,
+    pub stats: &'a Stats,
+    pub safety: &'a Safety,
+    pub elapsed: Duration,
+    pub extra: Value,
+    pub propagation: Option<&'a [PropKind]>,
+}
+
+fn scenario_name(s: Scenario) -> &'static str {
+    match s {
+        Scenario::Healthz => "healthz",
+        Scenario::Verify => "verify",
+        Scenario::Mixed => "mixed",
+        Scenario::Revocation => "revocation",
+    }
+}
+
+fn map<K: ToString, V: Into<Value> + Copy>(m: &std::collections::BTreeMap<K, V>) -> Value {
+    Value::Object(
+        m.iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+pub fn to_json(r: &Report) -> Value {
+    let secs = r.elapsed.as_secs_f64().max(1e-9);
+    let all = r.stats.all();
+    let mut ops = Map::new();
+    for (op, s) in &r.stats.ops {
+        ops.insert(
+            op.name().to_string(),
+            json!({
+                "count": s.answered(),
+                "per_second": s.answered() as f64 / secs,
+                "latency_us": latency_json(&s.hist),
+                "statuses": map(&s.statuses),
+                "errors": map(&s.errors),
+                "transport_errors": map(&s.transport),
+            }),
+        );
+    }
+    let mut out = json!({
+        "tool": "sessiongate-load",
+        "scenario": scenario_name(r.args.scenario),
+        "targets": r.targets,
+        "connections": r.args.connections,
+        "threads": r.threads,
+        "duration_limit_s": r.args.duration.as_secs_f64(),
+        "request_limit": r.args.requests,
+        "elapsed_s": secs,
+        "requests": r.stats.answered(),
+        "throughput_per_s": r.stats.answered() as f64 / secs,
+        "transport_errors": r.stats.failed(),
+        "transport_errors_by_kind": map(&r.stats.transport()),
+        "first_transport_error": r.stats.first_error,
+        "latency_us": latency_json(&all),
+        "p50_us": all.value_at_quantile(0.5),
+        "p90_us": all.value_at_quantile(0.9),
+        "p99_us": all.value_at_quantile(0.99),
+        "p99_9_us": all.value_at_quantile(0.999),
+        "max_us": all.max(),
+        "statuses": map(&r.stats.statuses()),
+        "errors": map(&r.stats.errors()),
+        "ops": ops,
+        "safety": r.safety.to_json(),
+    });
+    if let Some(kinds) = r.propagation {
+        let mut p = Map::new();
+        for k in kinds {
+            p.insert(
+                k.name.to_string(),
+                json!({
+                    "rounds": k.rounds,
+                    "latency_us": latency_json(&k.hist),
+                    "not_refused_within_probe_timeout": k.not_propagated,
+                    "accepted_on_b_after_ack": k.accepted_after_ack,
+                    "rounds_failed": k.failed,
+                }),
+            );
+        }
+        out["propagation"] = Value::Object(p);
+    }
+    if !r.extra.is_null() {
+        out["extra"] = r.extra.clone();
+    }
+    out
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+fn lat_cols(h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return format!("{:>9}{:>9}{:>9}{:>9}{:>9}", "-", "-", "-", "-", "-");
+    }
+    format!(
+        "{:>9}{:>9}{:>9}{:>9}{:>9}",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.9)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max())
+    )
+}
+
+pub fn table(r: &Report) -> String {
+    let secs = r.elapsed.as_secs_f64().max(1e-9);
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "sessiongate-load  scenario {}  target {}  connections {}  threads {}",
+        scenario_name(r.args.scenario),
+        r.targets.join(" + "),
+        r.args.connections,
+        r.threads
+    );
+    let _ = writeln!(
+        t,
+        "{:.2} s: {} requests answered ({:.1}/s), {} without an answer{}",
+        secs,
+        r.stats.answered(),
+        r.stats.answered() as f64 / secs,
+        r.stats.failed(),
+        r.stats
+            .first_error
+            .as_deref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "{:<15}{:>9}{:>10}{:>9}{:>9}{:>9}{:>9}{:>9}  statuses [errors]",
+        "latency, ms", "count", "per s", "p50", "p90", "p99", "p99.9", "max"
+    );
+    let all = r.stats.all();
+    let _ = writeln!(
+        t,
+        "{:<15}{:>9}{:>10.1}{}  {}",
+        "all",
+        all.len(),
+        all.len() as f64 / secs,
+        lat_cols(&all),
+        codes(&r.stats.statuses(), &r.stats.errors(), &Default::default())
+    );
+    for (op, s) in &r.stats.ops {
+        let _ = writeln!(
+            t,
+            "{:<15}{:>9}{:>10.1}{}  {}",
+            op.name(),
+            s.answered(),
+            s.answered() as f64 / secs,
+            lat_cols(&s.hist),
+            codes(&s.statuses, &s.errors, &s.transport)
+        );
+    }
+    if let Some(kinds) = r.propagation {
+        let _ = writeln!(t);
+        let _ = writeln!(
+            t,
+            "propagation: A acknowledged the revocation -> B's first 401 for that token, ms"
+        );
+        let _ = writeln!(
+            t,
+            "{:<15}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>11}{:>11}{:>8}",
+            "kind",
+            "rounds",
+            "tokens",
+            "p50",
+            "p90",
+            "p99",
+            "p99.9",
+            "max",
+            "unrefused",
+            "2xx on B",
+            "failed"
+        );
+        for k in kinds {
+            let _ = writeln!(
+                t,
+                "{:<15}{:>9}{:>9}{}{:>11}{:>11}{:>8}",
+                k.name,
+                k.rounds,
+                k.hist.len(),
+                lat_cols(&k.hist),
+                k.not_propagated,
+                k.accepted_after_ack,
+                k.failed
+            );
+        }
+    }
+    let s = r.safety.to_json();
+    let _ = writeln!(t);
+    let _ = writeln!(
+        t,
+        "safety: {} violation(s) in {} accepted token requests checked; {} accepted by another instance inside the {} ms logout-all window; {} unexpected refusal(s)",
+        s["violations"],
+        s["accepted_checked"],
+        s["accepted_within_logout_all_grace"],
+        s["logout_all_grace_ms"],
+        s["unexpected_refusals"]
+    );
+    if let Some(ex) = s["examples"].as_array() {
+        for e in ex.iter().take(5) {
+            let _ = writeln!(t, "  violation: {e}");
+        }
+    }
+    t
+}
+
+fn codes(
+    statuses: &std::collections::BTreeMap<u16, u64>,
+    errors: &std::collections::BTreeMap<String, u64>,
+    transport: &std::collections::BTreeMap<&'static str, u64>,
+) -> String {
+    let mut s: Vec<String> = statuses.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+    if !errors.is_empty() {
+        let e: Vec<String> = errors.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        s.push(format!("[{}]", e.join(" ")));
+    }
+    for (k, v) in transport {
+        s.push(format!("no-answer/{k}:{v}"));
+    }
+    s.join(" ")
+}
+
+/// Prints and writes everything, and decides the exit status.
+pub fn finish(r: Report) -> Result<(), Failure> {
+    let json = to_json(&r);
+    let table = table(&r);
+    if r.args.json {
+        eprint!("{table}");
+        println!("{}", serde_json::to_string_pretty(&json).expect("JSON"));
+    } else {
+        print!("{table}");
+    }
+    if let Some(path) = &r.args.json_out {
+        std::fs::write(path, serde_json::to_vec_pretty(&json).expect("JSON"))
+            .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
+    }
+    if let Some(path) = &r.args.plot {
+        let mut charts = Vec::new();
+        let mut series: Vec<Series> = vec![Series {
+            name: "all".into(),
+            hist: r.stats.all(),
+        }];
+        if r.stats.ops.len() > 1 {
+            for (op, s) in &r.stats.ops {
+                if !s.hist.is_empty() {
+                    series.push(Series {
+                        name: op.name().into(),
+                        hist: s.hist.clone(),
+                    });
+                }
+            }
+        }
+        charts.push(Chart {
+            title: format!(
+                "sessiongate {} - latency by percentile ({} connections, {:.0} req/s)",
+                scenario_name(r.args.scenario),
+                r.args.connections,
+                r.stats.answered() as f64 / r.elapsed.as_secs_f64().max(1e-9)
+            ),
+            series,
+        });
+        if let Some(kinds) = r.propagation {
+            let series: Vec<Series> = kinds
+                .iter()
+                .filter(|k| !k.hist.is_empty())
+                .map(|k| Series {
+                    name: k.name.into(),
+                    hist: k.hist.clone(),
+                })
+                .collect();
+            if !series.is_empty() {
+                charts.push(Chart {
+                    title: "revocation propagation: A's answer -> B's first 401".into(),
+                    series,
+                });
+            }
+        }
+        std::fs::write(path, svg(&charts))
+            .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
+    }
+    let violations = r.safety.violations();
+    if violations > 0 {
+        return Err(Failure::Unsafe(format!(
+            "{violations} request(s) were accepted after their token's revocation had been acknowledged"
+        )));
+    }
+    let answered = r.stats.answered();
+    let failed = r.stats.failed();
+    if answered == 0 {
+        return Err(Failure::Run(format!(
+            "no request was answered{}",
+            r.stats
+                .first_error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        )));
+    }
+    let ratio = failed as f64 / (answered + failed) as f64;
+    if ratio > r.args.max_error_ratio {
+        return Err(Failure::Run(format!(
+            "{failed} request(s) got no answer ({:.2} % > --max-error-ratio {:.2} %)",
+            ratio * 100.0,
+            r.args.max_error_ratio * 100.0
+        )));
+    }
+    if let Some(kinds) = r.propagation {
+        let unrefused: u64 = kinds.iter().map(|k| k.not_propagated).sum();
+        if unrefused > 0 {
+            return Err(Failure::Run(format!(
+                "{unrefused} revoked token(s) were not refused by B within --probe-timeout"
+            )));
+        }
+        let rounds: u64 = kinds.iter().map(|k| k.hist.len()).sum();
+        if rounds == 0 {
+            return Err(Failure::Run("no revocation round completed".into()));
+        }
+    }
+    Ok(())
+}
