@@ -176,6 +176,41 @@ struct StrictHeader {
     kid: String,
 }
 
+type Entries = HashMap<Box<str>, Arc<VerifiedToken>>;
+
+/// A bounded map that keeps what is in use: entries go into `young`; when it
+/// holds half the capacity it becomes `old` (the previous `old` is dropped).
+/// A hit in `old` moves the entry back to `young`. At most `capacity`
+/// entries, no full-cache miss storm, and tokens in steady use stay.
+#[derive(Default)]
+struct TwoGenerations {
+    young: Entries,
+    old: Entries,
+}
+
+impl TwoGenerations {
+    fn get(&mut self, token: &str, capacity: usize) -> Option<Arc<VerifiedToken>> {
+        if let Some(hit) = self.young.get(token) {
+            return Some(hit.clone());
+        }
+        let (key, hit) = self.old.remove_entry(token)?;
+        self.insert(key, hit.clone(), capacity);
+        Some(hit)
+    }
+
+    fn insert(&mut self, token: Box<str>, verified: Arc<VerifiedToken>, capacity: usize) {
+        if self.young.len() >= capacity.div_ceil(2) {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(token, verified);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+}
+
 /// Signs and verifies tokens with a fixed policy.
 ///
 /// Verified tokens are remembered (exact token text → its checked claims) in
@@ -190,7 +225,7 @@ pub struct TokenCodec {
     leeway_s: u64,
     max_bytes: usize,
     validation: Validation,
-    cache: Mutex<HashMap<Box<str>, Arc<VerifiedToken>>>,
+    cache: Mutex<TwoGenerations>,
     cache_capacity: usize,
     max_lifetime_s: Option<u64>,
 }
@@ -230,7 +265,7 @@ impl TokenCodec {
             leeway_s,
             max_bytes,
             validation,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(TwoGenerations::default()),
             cache_capacity,
             max_lifetime_s: None,
         }
@@ -269,7 +304,7 @@ impl TokenCodec {
         if self.cache_capacity == 0 {
             return self.verify_uncached(ring, token, now_ms).map(Arc::new);
         }
-        let cached = self.lock_cache().get(token).cloned();
+        let cached = self.lock_cache().get(token, self.cache_capacity);
         if let Some(hit) = cached {
             ring.get(&hit.kid, now_ms).ok_or(TokenError::UnknownKey)?;
             if hit.exp.saturating_add(self.leeway_s) < (now_ms / 1000).max(0) as u64 {
@@ -278,16 +313,12 @@ impl TokenCodec {
             return Ok(hit);
         }
         let verified = Arc::new(self.verify_uncached(ring, token, now_ms)?);
-        let mut cache = self.lock_cache();
-        if cache.len() >= self.cache_capacity {
-            // Bounded by clearing: simple, and a miss only costs a re-check.
-            cache.clear();
-        }
-        cache.insert(token.into(), verified.clone());
+        self.lock_cache()
+            .insert(token.into(), verified.clone(), self.cache_capacity);
         Ok(verified)
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<VerifiedToken>>> {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, TwoGenerations> {
         self.cache
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -495,6 +526,29 @@ mod tests {
             assert!(codec.verify(&ring_k2, &t, now).is_ok());
         }
         assert!(codec.lock_cache().len() <= 8);
+    }
+
+    #[test]
+    fn a_token_in_steady_use_stays_cached_while_others_pass_through() {
+        let codec = TokenCodec::with_cache(Algorithm::HS256, "sessiongate", 5, 4096, 8);
+        let ring = ring();
+        let now = now_ms();
+        let hot = codec.sign(&ring, &claims(now as u64 / 1000));
+        codec.verify(&ring, &hot, now).unwrap();
+        for i in 0..50 {
+            let mut c = claims(now as u64 / 1000);
+            c.did = format!("d{i}");
+            codec.verify(&ring, &codec.sign(&ring, &c), now).unwrap();
+            if i % 3 == 0 {
+                codec.verify(&ring, &hot, now).unwrap();
+            }
+            let cache = codec.lock_cache();
+            assert!(cache.len() <= 8);
+            assert!(
+                cache.young.contains_key(hot.as_str()) || cache.old.contains_key(hot.as_str()),
+                "the hot token was evicted at {i}"
+            );
+        }
     }
 
     #[test]
