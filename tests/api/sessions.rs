@@ -267,3 +267,13 @@ async fn the_tail_form_ignores_the_apps_query_and_takes_max_age_from_a_header() 
         .unwrap();
     assert_error(res, StatusCode::BAD_REQUEST, "invalid_request").await;
 }
+
+#[tokio::test]
+async fn a_login_right_after_logout_all_is_alive() {
+    let app = spawn_app().await;
+    for i in 0..15 {
+        assert_eq!(app.logout_all().await.status(), StatusCode::OK);
+        let s = app.create(&format!("nina{i}"), "d").await;
+        assert_eq!(app.verify_status(&s.token).await, StatusCode::OK, "round {i}");
+    }
+}

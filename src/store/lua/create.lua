@@ -10,6 +10,7 @@
 -- ARGV[6]  idle timeout ms  ARGV[7] absolute lifetime ms
 -- ARGV[8]  max sessions per user  ARGV[9] global cutoff ms
 -- Returns  {created_ms, expires_ms, auth_time_ms, replaced, evicted}
+--          (created_ms is after the cutoff even within its millisecond)
 --          or an error reply when the user tag collides with another user.
 local key = KEYS[1]
 local now = now_ms()
@@ -47,11 +48,14 @@ if ARGV[4] ~= '' then
   auth = math.min(tonumber(ARGV[4]), now)
 end
 local expires = now + tonumber(ARGV[7])
-local rec = {now, now, auth, expires, ARGV[3], ARGV[5]}
+-- A session is revoked when created at or before the cutoff; one created in
+-- the very millisecond of a logout-all must not be dead on arrival.
+local created = math.max(now, cutoff + 1)
+local rec = {created, created, auth, expires, ARGV[3], ARGV[5]}
 redis.call('HSET', key, '!u', ARGV[2], ARGV[1], cmsgpack.pack(rec))
 local until_ms = deadline(rec, idle)
 for i = first, #live do
   until_ms = math.max(until_ms, live[i][3])
 end
 redis.call('PEXPIREAT', key, until_ms)
-return {now, expires, auth, replaced, evicted}
+return {created, expires, auth, replaced, evicted}
