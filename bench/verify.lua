@@ -12,12 +12,15 @@ local n, i = 0, 0
 function init(args)
   local path = args[1]
   if not path then
-    error("usage: wrk ... -s verify.lua URL -- TOKENS_FILE")
+    error("usage: wrk ... -s verify.lua URL -- TOKENS_FILE [REQUEST_PATH]")
   end
+  -- The path to request: /v1/verify by default; bench/gateway asks an app
+  -- path through the gateway instead.
+  local target = args[2] or "/v1/verify"
   for token in io.lines(path) do
     if #token > 0 then
       n = n + 1
-      requests[n] = wrk.format("GET", "/v1/verify", { ["Authorization"] = "Bearer " .. token })
+      requests[n] = wrk.format("GET", target, { ["Authorization"] = "Bearer " .. token })
     end
   end
   if n == 0 then
