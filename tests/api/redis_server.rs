@@ -306,7 +306,7 @@ fn config_path() -> PathBuf {
 /// A loopback port that was free a moment ago: bind port 0, read the port
 /// the kernel chose, release it. Another process may take it before Redis
 /// binds; [`TestRedis::start_with`] retries on "Address already in use".
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
@@ -314,8 +314,9 @@ fn free_port() -> u16 {
 }
 
 /// Asks the kernel to SIGKILL the child when its parent thread dies, so a
-/// test process that crashes or is killed takes its Redis servers with it.
-fn kill_with_parent(command: &mut Command) {
+/// test process that crashes or is killed takes its servers (Redis, the
+/// gateways) with it.
+pub fn kill_with_parent(command: &mut Command) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (prctl, getppid); it allocates nothing
@@ -336,7 +337,7 @@ fn kill_with_parent(command: &mut Command) {
             // signal will never come, so do not start at all.
             if libc::getppid() != parent {
                 return Err(io::Error::other(
-                    "test process exited before redis-server started",
+                    "the test exited before its server started",
                 ));
             }
             Ok(())

@@ -274,6 +274,10 @@ async fn a_login_right_after_logout_all_is_alive() {
     for i in 0..15 {
         assert_eq!(app.logout_all().await.status(), StatusCode::OK);
         let s = app.create(&format!("nina{i}"), "d").await;
-        assert_eq!(app.verify_status(&s.token).await, StatusCode::OK, "round {i}");
+        assert_eq!(
+            app.verify_status(&s.token).await,
+            StatusCode::OK,
+            "round {i}"
+        );
     }
 }

@@ -22,9 +22,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::io;
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -263,41 +261,7 @@ pub fn nginx_site(sessiongate: &str, app: &str, port: u16) -> String {
     out
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
-}
-
-/// Asks the kernel to SIGKILL the child when the thread that spawned it
-/// ends: the test's own thread, so a gateway never outlives its test.
-fn kill_with_parent(command: &mut Command) {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (prctl, getppid).
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) == -1
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(io::Error::other(
-                    "the test exited before the gateway started",
-                ));
-            }
-            Ok(())
-        });
-    }
-}
+pub use crate::redis_server::{free_port, kill_with_parent};
 
 /// The app behind the gateway: answers every request with 200 and a JSON
 /// echo of it (`{"from": "app", method, uri, headers: [[name, value]…],
