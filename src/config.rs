@@ -61,6 +61,7 @@ pub struct Settings {
     pub api_key_failure_limit: u32,
     pub api_key_failure_window: Duration,
     pub redis_url: String,
+    pub redis_cluster_nodes: Vec<String>,
     pub redis_timeout: Duration,
     pub redis_pool_size: usize,
     pub key_prefix: String,
@@ -336,6 +337,19 @@ impl Layers {
             api_key_failure_limit: self.integer("api_key_failure_limit", 0, 1_000_000)? as u32,
             api_key_failure_window: positive("api_key_failure_window")?,
             redis_url,
+            redis_cluster_nodes: {
+                let nodes = self.strings("redis_cluster_nodes")?;
+                if let Some(bad) = nodes
+                    .iter()
+                    .find(|n| !(n.starts_with("redis://") || n.starts_with("rediss://")))
+                {
+                    return Err(self.err(
+                        "redis_cluster_nodes",
+                        format!("{bad:?} must start with redis:// or rediss://"),
+                    ));
+                }
+                nodes
+            },
             redis_timeout: positive("redis_timeout")?,
             redis_pool_size: self.integer("redis_pool_size", 1, 1024)? as usize,
             key_prefix,

@@ -76,6 +76,7 @@ async fn revoke_before(settings: Settings, at: &str) -> Result<(), String> {
     let metrics = std::sync::Arc::new(sessiongate::metrics::Metrics::new());
     let store = sessiongate::store::Store::new(
         &settings.redis_url,
+        &settings.redis_cluster_nodes,
         settings.redis_timeout,
         1,
         sessiongate::store::KeySchema::new(&settings.key_prefix),

@@ -63,6 +63,7 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let store = Arc::new(Store::new(
             &settings.redis_url,
+            &settings.redis_cluster_nodes,
             settings.redis_timeout,
             settings.redis_pool_size,
             KeySchema::new(&settings.key_prefix),

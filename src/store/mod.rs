@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::aio::MultiplexedConnection;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, FromRedisValue, Script, ScriptInvocation, Value};
 
 use crate::domain::{DeviceId, SessionId, UserId, UserTag};
@@ -44,13 +46,50 @@ static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
 
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
+/// A connection to a single Redis or to a Redis Cluster. Both are
+/// multiplexed and cheap to clone; the cluster one routes each script by its
+/// key's slot (every per-user script touches one hash, so one slot).
+#[derive(Clone)]
+enum Connection {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// One thread's request-path connection to one store.
 struct LocalConnection {
     store: u64,
     /// Unique per opened connection, so stale timeouts are not held against
     /// a newer one.
     generation: u64,
-    conn: MultiplexedConnection,
+    conn: Connection,
     timeouts: u32,
 }
 
@@ -202,6 +241,12 @@ pub struct Store {
     id: u64,
     pool: Pool,
     client: redis::Client,
+    /// Set in Redis Cluster mode: commands go through it instead of `client`.
+    cluster: Option<ClusterClient>,
+    /// The addresses pub/sub may subscribe at (any node hears every
+    /// PUBLISH in a cluster); tried in turn.
+    event_urls: Vec<String>,
+    next_event_url: AtomicU64,
     connection_config: AsyncConnectionConfig,
     reconnecting: tokio::sync::Mutex<()>,
     /// Monotonic origin for `next_connect_ms`.
@@ -217,8 +262,10 @@ pub struct Store {
 impl Store {
     /// Sets up the pool; connects lazily, so a service can start while Redis
     /// is down (it answers 503 until Redis is back).
+    /// `cluster_nodes` non-empty: Redis Cluster mode, with these seed nodes.
     pub fn new(
         url: &str,
+        cluster_nodes: &[String],
         timeout: Duration,
         pool_size: usize,
         keys: KeySchema,
@@ -238,10 +285,29 @@ impl Store {
             .build()
             .map_err(|e| StoreError::Connection(e.to_string()))?;
         let client = redis::Client::open(url).map_err(|e| StoreError::Connection(e.to_string()))?;
+        let cluster = if cluster_nodes.is_empty() {
+            None
+        } else {
+            Some(
+                ClusterClient::builder(cluster_nodes.iter().map(String::as_str))
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()
+                    .map_err(|e| StoreError::Connection(e.to_string()))?,
+            )
+        };
+        let event_urls = if cluster_nodes.is_empty() {
+            vec![url.to_string()]
+        } else {
+            cluster_nodes.to_vec()
+        };
         Ok(Store {
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             pool,
             client,
+            cluster,
+            event_urls,
+            next_event_url: AtomicU64::new(0),
             connection_config: config,
             reconnecting: tokio::sync::Mutex::new(()),
             clock: std::time::Instant::now(),
@@ -270,7 +336,7 @@ impl Store {
         self.pool.status()
     }
 
-    fn local_connection(&self) -> Option<(u64, MultiplexedConnection)> {
+    fn local_connection(&self) -> Option<(u64, Connection)> {
         LOCAL_CONNECTIONS.with(|c| {
             c.borrow()
                 .iter()
@@ -282,7 +348,7 @@ impl Store {
     /// This thread's connection, opened when there is none. One opening at
     /// a time, and after a failed opening none for `reconnect_backoff`, so an
     /// outage costs a connection attempt per backoff, not one per request.
-    async fn connection(&self) -> Result<(u64, MultiplexedConnection), StoreError> {
+    async fn connection(&self) -> Result<(u64, Connection), StoreError> {
         if let Some(found) = self.local_connection() {
             return Ok(found);
         }
@@ -298,11 +364,20 @@ impl Store {
         // Armed until the connection is up: a failure, or this future being
         // dropped at its deadline, delays the next attempt.
         let backoff = BackoffOnDrop(self);
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.connection_config)
-            .await
-            .map_err(|e| StoreError::from_redis(&e))?;
+        let conn = match &self.cluster {
+            None => Connection::Single(
+                self.client
+                    .get_multiplexed_async_connection_with_config(&self.connection_config)
+                    .await
+                    .map_err(|e| StoreError::from_redis(&e))?,
+            ),
+            Some(cluster) => Connection::Cluster(
+                cluster
+                    .get_async_connection()
+                    .await
+                    .map_err(|e| StoreError::from_redis(&e))?,
+            ),
+        };
         std::mem::forget(backoff);
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
         LOCAL_CONNECTIONS.with(|c| {
@@ -361,7 +436,7 @@ impl Store {
     /// keeps the connection's health books.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Connection) -> Fut,
         Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
     {
         // The generation used (0: none yet); atomic only to keep the future Send.
@@ -603,7 +678,14 @@ impl Store {
     /// batches (`SCAN ... COUNT 200`, one script per user hash, a pause
     /// between batches), so a logout-all never blocks Redis. Verify already
     /// refuses those sessions by the cutoff; this only frees memory.
+    ///
+    /// In Redis Cluster mode `SCAN` would see one node only, so nothing is
+    /// purged there: the cutoff refuses the sessions on every instance and
+    /// their records expire by TTL.
     pub async fn purge_before(&self, cutoff_ms: i64, live: Liveness) -> Result<u64, StoreError> {
+        if self.cluster.is_some() {
+            return Ok(0);
+        }
         let pattern = self.keys.user_pattern();
         let mut cursor: u64 = 0;
         let mut removed = 0;
@@ -646,8 +728,11 @@ impl Store {
 
     /// A pub/sub connection subscribed to the events channel.
     pub async fn subscribe_events(&self) -> Result<redis::aio::PubSub, StoreError> {
+        let n = self.next_event_url.fetch_add(1, Ordering::Relaxed) as usize;
+        let url = &self.event_urls[n % self.event_urls.len()];
         let attempt = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let client = redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(self.keys.events()).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };

@@ -1,0 +1,164 @@
+//! Redis Cluster: three primaries started by the test, sessiongate in
+//! cluster mode (`SESSIONGATE_REDIS_CLUSTER_NODES`), the same behaviour.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::{TestApp, eventually, spawn_app_on};
+use crate::redis_server::TestRedis;
+
+/// Three cluster-enabled Redis servers with every slot assigned.
+struct TestCluster {
+    nodes: Vec<TestRedis>,
+}
+
+impl TestCluster {
+    fn start() -> TestCluster {
+        let nodes: Vec<TestRedis> = (0..3)
+            .map(|_| {
+                TestRedis::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let started = Instant::now();
+        while !nodes
+            .iter()
+            .all(|n| n.cmd(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "cluster not ok"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        TestCluster { nodes }
+    }
+
+    fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url().trim_end_matches("/0").to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+async fn app_on(cluster: &TestCluster) -> TestApp {
+    let seeds = cluster.seeds();
+    spawn_app_on("redis://127.0.0.1:1/0", &[("REDIS_CLUSTER_NODES", &seeds)]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_work_across_every_node_of_a_cluster() {
+    let cluster = TestCluster::start();
+    let app = app_on(&cluster).await;
+    let ready = app
+        .request(reqwest::Method::GET, "/readyz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    // Enough users that their hashes land on every node.
+    let mut sessions = Vec::new();
+    for i in 0..30 {
+        sessions.push(app.create(&format!("user-{i}"), "laptop").await);
+    }
+    let per_node: Vec<i64> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            n.cmd(&["DBSIZE"])
+                .trim()
+                .trim_start_matches(':')
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        per_node.iter().all(|&k| k > 0),
+        "keys per node: {per_node:?}"
+    );
+
+    for s in &sessions {
+        assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
+    }
+    // Logout, force logout, listing: each one slot.
+    assert_eq!(
+        app.logout(&sessions[0].token).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        app.verify_status(&sessions[0].token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let phone = app.create("user-1", "phone").await;
+    let res = app.list(&phone.token).await;
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["sessions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let res = app.admin_revoke_user("user-1", None).await;
+    assert_eq!(res.json::<Value>().await.unwrap()["revoked"], 2);
+    assert_eq!(
+        app.verify_status(&phone.token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let res = app.admin_revoke_session(&sessions[2].session_id).await;
+    assert_eq!(res.json::<Value>().await.unwrap()["revoked"], 1);
+    assert_eq!(
+        app.verify_status(&sessions[2].token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(app.verify_status(&sessions[3].token).await, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_all_and_rotation_reach_another_instance_on_the_cluster() {
+    let cluster = TestCluster::start();
+    let a = app_on(&cluster).await;
+    let b = app_on(&cluster).await;
+    let mut old = Vec::new();
+    for i in 0..10 {
+        old.push(b.create(&format!("u{i}"), "d").await);
+    }
+    assert_eq!(a.rotate_keys().await.status(), StatusCode::OK);
+    assert_eq!(a.logout_all().await.status(), StatusCode::OK);
+    for s in &old {
+        assert_eq!(a.verify_status(&s.token).await, StatusCode::UNAUTHORIZED);
+    }
+    eventually(Duration::from_secs(1), || async {
+        b.verify_status(&old[9].token).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    let fresh = b.create("u0", "d").await;
+    assert_eq!(a.verify_status(&fresh.token).await, StatusCode::OK);
+}
