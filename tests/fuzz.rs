@@ -31,13 +31,15 @@ where
     S::Value: std::fmt::Debug,
 {
     let deadline = Instant::now() + budget();
-    let mut runner = TestRunner::new(Config {
-        cases: 512,
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let mut chunks = 0;
+    let mut chunks: u64 = 0;
     while Instant::now() < deadline || chunks == 0 {
+        // A fresh runner per chunk: a runner runs its `cases` once, and each
+        // new one draws a new random seed.
+        let mut runner = TestRunner::new(Config {
+            cases: 512,
+            failure_persistence: None,
+            ..Config::default()
+        });
         if let Err(e) = runner.run(&strategy, &test) {
             panic!("{name}: {e}");
         }
