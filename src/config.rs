@@ -42,6 +42,53 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A Redis URL: its password (`user:pass@` or `?password=`) is redacted in
+/// `Debug` and `Display`; `Deref` gives the real URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The real URL, credentials included.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL without credentials, for logs.
+    pub fn redacted(&self) -> String {
+        let url = &self.0;
+        let without_query = url.split('?').next().unwrap_or(url);
+        let mut out = match (without_query.find("://"), without_query.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://***{}", &without_query[..scheme], &without_query[at..])
+            }
+            _ => without_query.to_string(),
+        };
+        if url.contains('?') {
+            out.push_str("?***");
+        }
+        out
+    }
+}
+
+impl std::ops::Deref for RedisUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({:?})", self.redacted())
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -60,8 +107,8 @@ pub struct Settings {
     pub max_connections: usize,
     pub api_key_failure_limit: u32,
     pub api_key_failure_window: Duration,
-    pub redis_url: String,
-    pub redis_cluster_nodes: Vec<String>,
+    pub redis_url: RedisUrl,
+    pub redis_cluster_nodes: Vec<RedisUrl>,
     pub redis_timeout: Duration,
     pub redis_pool_size: usize,
     pub key_prefix: String,
@@ -336,7 +383,7 @@ impl Layers {
             max_connections: self.integer("max_connections", 1, 1_000_000)? as usize,
             api_key_failure_limit: self.integer("api_key_failure_limit", 0, 1_000_000)? as u32,
             api_key_failure_window: positive("api_key_failure_window")?,
-            redis_url,
+            redis_url: RedisUrl(redis_url),
             redis_cluster_nodes: {
                 let nodes = self.strings("redis_cluster_nodes")?;
                 if let Some(bad) = nodes
@@ -348,7 +395,7 @@ impl Layers {
                         format!("{bad:?} must start with redis:// or rediss://"),
                     ));
                 }
-                nodes
+                nodes.into_iter().map(RedisUrl).collect()
             },
             redis_timeout: positive("redis_timeout")?,
             redis_pool_size: self.integer("redis_pool_size", 1, 1024)? as usize,
@@ -545,8 +592,18 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let s = Settings::load(&env_with(&required())).unwrap();
-        assert!(!format!("{s:?}").contains(KEY));
+        let mut env = required();
+        env.push((
+            "SESSIONGATE_REDIS_URL",
+            "redis://app:hunter2-password@db:6379/0",
+        ));
+        let s = Settings::load(&env_with(&env)).unwrap();
+        let debug = format!("{s:?}");
+        assert!(!debug.contains(KEY));
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("db:6379"));
+        let q = RedisUrl("unix:///run/redis.sock?db=0&pass=hunter2".into());
+        assert!(!q.to_string().contains("hunter2"));
     }
 
     #[test]

@@ -38,6 +38,12 @@ fn check_id(what: &str, value: &str) -> Result<(), InvalidInput> {
             "{what} must not contain control characters"
         )));
     }
+    // Gateways and apps trim header values: " alice" must not read as "alice".
+    if value.starts_with(char::is_whitespace) || value.ends_with(char::is_whitespace) {
+        return Err(InvalidInput(format!(
+            "{what} must not start or end with white space"
+        )));
+    }
     Ok(())
 }
 
@@ -201,6 +207,10 @@ mod tests {
         assert!(UserId::parse("a\u{85}b").is_err());
         assert!(UserId::parse("{weird}*:ü ser").is_ok());
         assert!(DeviceId::parse("\r").is_err());
+        assert!(UserId::parse(" alice").is_err());
+        assert!(UserId::parse("alice ").is_err());
+        assert!(UserId::parse("\u{a0}alice").is_err());
+        assert!(UserId::parse("al ice").is_ok());
     }
 
     #[test]

@@ -58,7 +58,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
     tracing::info!(
         listen = %settings.listen,
         port = app.port(),
-        redis = %redact_url(&settings.redis_url),
+        redis = %settings.redis_url,
         "sessiongate serving"
     );
     app.run_until_stopped().await.map_err(|e| e.to_string())
@@ -69,14 +69,25 @@ async fn revoke_before(settings: Settings, at: &str) -> Result<(), String> {
         "now" => None,
         secs => Some(
             secs.parse::<i64>()
-                .map_err(|_| format!("{secs:?} is not Unix seconds or \"now\""))?
-                * 1000,
+                .ok()
+                .filter(|s| *s > 0)
+                .and_then(|s| s.checked_mul(1000))
+                .ok_or_else(|| format!("{secs:?} is not Unix seconds or \"now\""))?,
         ),
     };
+    // A cutoff in the future would refuse every login until then, and it
+    // never moves back: refuse it (Redis clamps to its own now as well).
+    if let Some(ms) = at_ms
+        && ms > sessiongate::session::now_ms() + 1000
+    {
+        return Err(format!(
+            "{at} is in the future (Unix seconds expected, not milliseconds); nothing changed"
+        ));
+    }
     let metrics = std::sync::Arc::new(sessiongate::metrics::Metrics::new());
     let store = sessiongate::store::Store::new(
-        &settings.redis_url,
-        &settings.redis_cluster_nodes,
+        settings.redis_url.expose(),
+        &cluster_nodes(&settings),
         settings.redis_timeout,
         1,
         sessiongate::store::KeySchema::new(&settings.key_prefix),
@@ -94,12 +105,10 @@ async fn revoke_before(settings: Settings, at: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The Redis URL without its password, for logs.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_string(),
-    }
+fn cluster_nodes(settings: &Settings) -> Vec<String> {
+    settings
+        .redis_cluster_nodes
+        .iter()
+        .map(|n| n.expose().to_string())
+        .collect()
 }

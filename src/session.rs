@@ -6,6 +6,7 @@
 //! session during this call.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::Settings;
@@ -101,6 +102,10 @@ pub struct SessionService {
     codec: TokenCodec,
     policy: Policy,
     metrics: Arc<Metrics>,
+    /// The highest cutoff a purge was asked for, and whether one runs: one
+    /// purge at a time, which finishes with the latest cutoff.
+    purge_target: std::sync::atomic::AtomicI64,
+    purge_running: std::sync::atomic::AtomicBool,
 }
 
 impl SessionService {
@@ -130,6 +135,8 @@ impl SessionService {
             store,
             global,
             metrics,
+            purge_target: std::sync::atomic::AtomicI64::new(0),
+            purge_running: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -331,25 +338,48 @@ impl SessionService {
         let cutoff = record.cutoff_ms;
         self.global.apply(record, started)?;
         self.metrics.revoked("logout_all", 0);
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
+        self.purge_target.fetch_max(cutoff, Ordering::SeqCst);
+        if !self.purge_running.swap(true, Ordering::SeqCst) {
+            let this = Arc::clone(self);
+            tokio::spawn(async move { this.purge_loop().await });
+        }
+        Ok(cutoff)
+    }
+
+    /// Purges up to the latest requested cutoff, again while a later
+    /// logout-all raised it meanwhile; one loop at a time.
+    async fn purge_loop(self: Arc<Self>) {
+        let mut done = 0;
+        loop {
+            let target = self.purge_target.load(Ordering::SeqCst);
+            if target <= done {
+                self.purge_running.store(false, Ordering::SeqCst);
+                // A logout-all may have raised the target and seen the flag
+                // still set: take the work back if so.
+                if self.purge_target.load(Ordering::SeqCst) > done
+                    && !self.purge_running.swap(true, Ordering::SeqCst)
+                {
+                    continue;
+                }
+                return;
+            }
             // Judge liveness by time alone, so the purge counts the sessions
             // this cutoff revoked (they are all dead under the new cutoff).
             let live = Liveness {
-                idle_ms: this.policy.idle.as_millis() as i64,
+                idle_ms: self.policy.idle.as_millis() as i64,
                 cutoff_ms: 0,
             };
-            match this.store.purge_before(cutoff, live).await {
+            match self.store.purge_before(target, live).await {
                 Ok(n) => {
-                    this.metrics.revoked("logout_all", n);
+                    self.metrics.revoked("logout_all", n);
                     tracing::info!(purged = n, "logout-all purge finished");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "logout-all purge stopped; records expire by TTL")
                 }
             }
-        });
-        Ok(cutoff)
+            done = target;
+        }
     }
 
     /// Starts signing with a new key; older keys verify until they retire.

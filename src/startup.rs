@@ -62,8 +62,12 @@ impl Application {
         let port = listener.local_addr()?.port();
         let metrics = Arc::new(Metrics::new());
         let store = Arc::new(Store::new(
-            &settings.redis_url,
-            &settings.redis_cluster_nodes,
+            settings.redis_url.expose(),
+            &settings
+                .redis_cluster_nodes
+                .iter()
+                .map(|n| n.expose().to_string())
+                .collect::<Vec<String>>(),
             settings.redis_timeout,
             settings.redis_pool_size,
             KeySchema::new(&settings.key_prefix),

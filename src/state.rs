@@ -35,7 +35,8 @@ pub struct Global {
     wake: Notify,
     secret: Secret,
     alg: Algorithm,
-    max_staleness: Duration,
+    /// The oldest copy acted upon (`state_max_staleness`).
+    max_age: Duration,
 }
 
 impl Global {
@@ -45,15 +46,18 @@ impl Global {
             wake: Notify::new(),
             secret,
             alg,
-            max_staleness,
+            // The copy's age is measured from when its read was sent; a
+            // verify acting on it is at most this plus its own Redis call
+            // behind Redis.
+            max_age: max_staleness,
         }
     }
 
     /// The current copy, if fresh enough to act on.
     pub fn snapshot(&self) -> Result<Arc<GlobalState>, StoreError> {
         match self.current.load_full() {
-            Some(state) if state.fetched_at.elapsed() <= self.max_staleness => Ok(state),
-            Some(_) => Err(StoreError::Timeout(self.max_staleness)),
+            Some(state) if state.fetched_at.elapsed() <= self.max_age => Ok(state),
+            Some(_) => Err(StoreError::Timeout(self.max_age)),
             None => Err(StoreError::Connection("global state not loaded yet".into())),
         }
     }
@@ -67,30 +71,35 @@ impl Global {
     /// backwards: the cutoff only rises.
     pub fn apply(&self, record: GlobalRecord, fetched_at: Instant) -> Result<(), StoreError> {
         let previous = self.current.load_full();
-        let ring = match &previous {
+        let parsed = match &previous {
             Some(p) if p.ring_json == record.ring_json => p.ring.clone(),
             _ => Arc::new(
                 KeyRing::from_json(&record.ring_json, self.secret.expose().as_bytes(), self.alg)
                     .map_err(StoreError::Protocol)?,
             ),
         };
-        let cutoff_ms = match &previous {
-            Some(p) if p.fetched_at > fetched_at => {
-                // A newer copy was installed meanwhile: keep it, but never lose a
-                // higher cutoff.
-                if record.cutoff_ms <= p.cutoff_ms {
-                    return Ok(());
-                }
-                record.cutoff_ms
-            }
-            _ => record.cutoff_ms,
-        };
-        self.current.store(Some(Arc::new(GlobalState {
-            cutoff_ms,
-            ring,
-            ring_json: record.ring_json,
-            fetched_at,
-        })));
+        // Atomic against concurrent applies (the refresher, a logout-all
+        // handler). The cutoff only ever rises in Redis, so the cached one
+        // never moves back, whatever order reads were answered in.
+        self.current.rcu(|current| {
+            let cutoff_ms = current
+                .as_ref()
+                .map_or(record.cutoff_ms, |c| c.cutoff_ms.max(record.cutoff_ms));
+            let newer = current.as_ref().is_none_or(|c| fetched_at >= c.fetched_at);
+            let (ring, ring_json) = match current {
+                Some(c) if !newer => (c.ring.clone(), c.ring_json.clone()),
+                _ => (parsed.clone(), record.ring_json.clone()),
+            };
+            let fetched = current
+                .as_ref()
+                .map_or(fetched_at, |c| c.fetched_at.max(fetched_at));
+            Some(Arc::new(GlobalState {
+                cutoff_ms,
+                ring,
+                ring_json,
+                fetched_at: fetched,
+            }))
+        });
         Ok(())
     }
 

@@ -82,27 +82,46 @@ pub fn bearer(req: &HttpRequest) -> Option<&[u8]> {
 
 /// Wrong API keys per peer: after `limit` failures within `window`, the
 /// peer gets 429 until the window ends. Callers that present a right key are
-/// never counted, and other peers are not affected. In-process (per
-/// instance), bounded in memory.
+/// never counted, and other peers are not affected. IPv6 peers count per /64
+/// (one host usually holds a whole /64). In-process (per instance) and
+/// bounded: at most `MAX_TRACKED_PEERS` addresses, pruned at most once per
+/// second; past that, new addresses are not tracked until entries expire.
 pub struct KeyFailures {
     limit: u32,
     window: Duration,
-    peers: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    state: Mutex<Tracked>,
+}
+
+#[derive(Default)]
+struct Tracked {
+    peers: HashMap<IpAddr, (u32, Instant)>,
+    pruned: Option<Instant>,
 }
 
 const MAX_TRACKED_PEERS: usize = 100_000;
+
+/// The address a peer is counted under.
+fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
 
 impl KeyFailures {
     pub fn new(limit: u32, window: Duration) -> Self {
         KeyFailures {
             limit,
             window,
-            peers: Mutex::new(HashMap::new()),
+            state: Mutex::new(Tracked::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tracked> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Seconds until the peer may try again, if it is blocked now.
@@ -110,8 +129,8 @@ impl KeyFailures {
         if self.limit == 0 {
             return None;
         }
-        let peers = self.lock();
-        let (count, since) = peers.get(&peer)?;
+        let state = self.lock();
+        let (count, since) = state.peers.get(&bucket(peer))?;
         let elapsed = since.elapsed();
         (*count >= self.limit && elapsed < self.window)
             .then(|| (self.window - elapsed).as_secs().max(1))
@@ -121,12 +140,22 @@ impl KeyFailures {
         if self.limit == 0 {
             return;
         }
-        let mut peers = self.lock();
-        if peers.len() >= MAX_TRACKED_PEERS {
+        let peer = bucket(peer);
+        let mut state = self.lock();
+        if state.peers.len() >= MAX_TRACKED_PEERS
+            && !state.peers.contains_key(&peer)
+            && state
+                .pruned
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
             let window = self.window;
-            peers.retain(|_, (_, since)| since.elapsed() < window);
+            state.peers.retain(|_, (_, since)| since.elapsed() < window);
+            state.pruned = Some(Instant::now());
         }
-        let entry = peers.entry(peer).or_insert((0, Instant::now()));
+        if state.peers.len() >= MAX_TRACKED_PEERS && !state.peers.contains_key(&peer) {
+            return;
+        }
+        let entry = state.peers.entry(peer).or_insert((0, Instant::now()));
         if entry.1.elapsed() >= self.window {
             *entry = (0, Instant::now());
         }
@@ -260,5 +289,14 @@ mod tests {
         assert_eq!(f.blocked(good), None);
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(f.blocked(bad), None);
+    }
+
+    #[test]
+    fn ipv6_peers_count_per_64() {
+        let f = KeyFailures::new(2, Duration::from_secs(60));
+        f.record("2001:db8:1:2::1".parse().unwrap());
+        f.record("2001:db8:1:2:ffff::9".parse().unwrap());
+        assert!(f.blocked("2001:db8:1:2::77".parse().unwrap()).is_some());
+        assert!(f.blocked("2001:db8:1:3::1".parse().unwrap()).is_none());
     }
 }

@@ -15,8 +15,13 @@
 use actix_web::HttpRequest;
 use actix_web::http::header;
 
+use std::sync::atomic::AtomicBool;
+
 use crate::config::IpNet;
 use crate::error::ApiError;
+
+/// Whether the misconfiguration warning was logged (once per process).
+static WARNED_UNTRUSTED: AtomicBool = AtomicBool::new(false);
 
 #[derive(Debug, Clone, Default)]
 pub struct OriginPolicy {
@@ -51,6 +56,24 @@ impl OriginPolicy {
         if !self.csrf_protection {
             return Ok(());
         }
+        let trusted = self.trusted(req);
+        // A gateway that describes the original method (Caddy's forward_auth
+        // always checks with GET) but is not trusted: the real method is
+        // unknown, so refuse rather than judge the check's GET.
+        if !trusted
+            && ["x-forwarded-method", "x-original-method"]
+                .iter()
+                .any(|h| req.headers().contains_key(*h))
+        {
+            if !WARNED_UNTRUSTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    peer = ?req.peer_addr(),
+                    "a cookie-carried token came with X-Forwarded-Method from a peer not in \
+                     SESSIONGATE_TRUSTED_PROXIES: refused (403); add your gateway's address"
+                );
+            }
+            return Err(ApiError::CrossSite);
+        }
         let method = self.method(req);
         if ["GET", "HEAD", "OPTIONS", "TRACE"]
             .iter()
@@ -58,7 +81,6 @@ impl OriginPolicy {
         {
             return Ok(());
         }
-        let trusted = self.trusted(req);
         let forwarded = |name: &str| {
             trusted
                 .then(|| req.headers().get(name)?.to_str().ok())
@@ -154,8 +176,9 @@ mod tests {
                 .insert_header(("origin", "https://evil.test"))
                 .to_http_request()
         };
-        // Untrusted: the forwarded method is ignored, GET is safe.
-        assert!(policy(&[]).check_cookie_request(&from("10.9.9.9")).is_ok());
+        // Untrusted peer describing the original method: the real method is
+        // unknown, so the cookie request is refused.
+        assert!(policy(&[]).check_cookie_request(&from("10.9.9.9")).is_err());
         // Trusted gateway says the original was a cross-site POST.
         assert!(
             policy(&["10.0.0.0/8"])

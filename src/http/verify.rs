@@ -61,8 +61,8 @@ pub async fn verify(
 }
 
 /// `/v1/verify/{tail}`: the query string there is the original request's
-/// (the app's), so it is ignored; a route's `max_age` comes from the
-/// `X-Sessiongate-Max-Age` header the gateway adds.
+/// (the app's): a `max_age` in it still tightens, a malformed one is
+/// ignored; a gateway can also send `X-Sessiongate-Max-Age`.
 pub async fn verify_tail(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -99,7 +99,10 @@ async fn verify_inner(
     let from_query = if use_query {
         max_age(req.query_string())?
     } else {
-        None
+        // The tail form's query is the original request's: a max_age there
+        // still tightens (the contract allows it on both forms), but an
+        // unparseable one is the app's business and is ignored, not a 400.
+        max_age(req.query_string()).ok().flatten()
     };
     let from_header = match req.headers().get(MAX_AGE_HEADER) {
         None => None,
@@ -143,7 +146,8 @@ async fn verify_inner(
     tag = "verify",
     params(
         ("tail" = String, Path, description = "the original request path (ignored)"),
-        ("X-Sessiongate-Max-Age" = Option<u64>, Header, description = "password age demanded for this route, in seconds (the query string is the app's and is ignored here)"),
+        VerifyQuery,
+        ("X-Sessiongate-Max-Age" = Option<u64>, Header, description = "password age demanded for this route, in seconds; the smaller of it and max_age wins (a malformed max_age in this form's query is ignored)"),
     ),
     security(("session_token" = [])),
     responses(

@@ -509,8 +509,11 @@ impl Store {
         if status == 0 {
             return Ok(None);
         }
-        let (field, device_id) = (it.next(), it.next());
-        if !same_text(&field, session.field()) || !same_text(&device_id, device.as_str()) {
+        let (field, device_id, age) = (it.next(), it.next(), it.next());
+        if !same_text(&field, session.field())
+            || !same_text(&device_id, device.as_str())
+            || !same_text(&age, itoa(max_auth_age_ms).as_str())
+        {
             // Replies on this connection can no longer be matched to
             // requests: drop it.
             LOCAL_CONNECTIONS.with(|c| c.borrow_mut().retain(|l| l.store != self.id));
@@ -742,6 +745,10 @@ impl Store {
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
     }
+}
+
+fn itoa(n: i64) -> String {
+    n.to_string()
 }
 
 /// Whether a reply element is exactly this text (no allocation).

@@ -19,16 +19,18 @@ local owner = redis.call('HGET', key, '!u')
 if owner and owner ~= ARGV[2] then
   return redis.error_reply('ERR sessiongate user tag collision')
 end
-local live, replaced, evicted = {}, 0, 0
+-- Plan first, write the new record, then delete: if Redis refuses the
+-- write (out of memory), nothing was deleted and the caller gets an error.
+local live, doomed, replaced, evicted = {}, {}, 0, 0
 local all = redis.call('HGETALL', key)
 for i = 1, #all, 2 do
   local f = all[i]
   if is_session_field(f) then
     local rec = cmsgpack.unpack(all[i + 1])
     if not alive(rec, now, idle, cutoff) then
-      redis.call('HDEL', key, f)
+      doomed[#doomed + 1] = f
     elseif rec[5] == ARGV[3] then
-      redis.call('HDEL', key, f)
+      doomed[#doomed + 1] = f
       replaced = replaced + 1
     else
       live[#live + 1] = {f, rec[2], deadline(rec, idle)}
@@ -39,7 +41,7 @@ end
 table.sort(live, function(a, b) return a[2] < b[2] end)
 local first = 1
 while #live - first + 1 >= cap do
-  redis.call('HDEL', key, live[first][1])
+  doomed[#doomed + 1] = live[first][1]
   first = first + 1
   evicted = evicted + 1
 end
@@ -53,6 +55,9 @@ local expires = now + tonumber(ARGV[7])
 local created = math.max(now, cutoff + 1)
 local rec = {created, created, auth, expires, ARGV[3], ARGV[5]}
 redis.call('HSET', key, '!u', ARGV[2], ARGV[1], cmsgpack.pack(rec))
+for _, f in ipairs(doomed) do
+  redis.call('HDEL', key, f)
+end
 local until_ms = deadline(rec, idle)
 for i = first, #live do
   until_ms = math.max(until_ms, live[i][3])

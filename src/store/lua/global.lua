@@ -10,7 +10,8 @@
 --                         cutoff = now, so lost state never means "no cutoff")
 --               "rotate" - new active kid ARGV[2]; the old one retires at
 --                         now + ARGV[3] ms; retired kids are dropped
---               "cutoff" - cutoff := max(cutoff, ARGV[2] or now if "")
+--               "cutoff" - cutoff := max(cutoff, min(ARGV[2], now)), or now if ""
+--                         (it never moves back, nor into the future)
 -- ARGV[4]  events channel
 -- Returns  {cutoff_ms, ring_json, now_ms}
 local key, op = KEYS[1], ARGV[1]
@@ -46,7 +47,8 @@ if op == 'rotate' and ring.active ~= ARGV[2] then
 elseif op == 'cutoff' then
   local wanted = now
   if ARGV[2] ~= '' then
-    wanted = tonumber(ARGV[2])
+    -- Never in the future: it would refuse every new login until then.
+    wanted = math.min(tonumber(ARGV[2]), now)
   end
   if wanted > cutoff then
     cutoff = wanted

@@ -14,11 +14,12 @@
 -- ARGV[7]  largest password age ms allowed (-1: not checked)
 -- Returns  {0} when the session is not alive (gone, expired, revoked, or not
 --          this device's); else
---          {status, field, device_id
+--          {status, field, device_id, ARGV[7]
 --           [, created_ms, auth_time_ms, last_seen_ms, expires_ms, metadata_json]}
 --          with status 1 (alive) or 2 (alive, but the password is older than
---          ARGV[7]: refused, so the idle expiry is not slid). Field and
---          device are echoed so the caller can match reply to request.
+--          ARGV[7]: refused, so the idle expiry is not slid). Field, device
+--          and the age demanded are echoed so the caller can match reply to
+--          request.
 local key, field = KEYS[1], ARGV[1]
 local blob = redis.call('HGET', key, field)
 if not blob then
@@ -55,6 +56,6 @@ if status == 1 and touch >= 0 and now - rec[2] >= touch then
   end
 end
 if ARGV[6] == '1' then
-  return {status, field, rec[5], rec[1], rec[3], rec[2], rec[4], rec[6]}
+  return {status, field, rec[5], ARGV[7], rec[1], rec[3], rec[2], rec[4], rec[6]}
 end
-return {status, field, rec[5]}
+return {status, field, rec[5], ARGV[7]}
