@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::domain::{DeviceId, SessionId, UserId};
+use actix_web::http::header::HeaderValue;
 
 /// The claims sessiongate writes and requires.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -48,6 +49,9 @@ pub struct VerifiedToken {
     pub exp: u64,
     /// The key that signed it: checked against the ring on every use.
     pub kid: String,
+    /// `X-Session-User`, `X-Session-Id`, `X-Session-Device`, built once per
+    /// token (a cached token's verify copies no header text).
+    pub identity_headers: [HeaderValue; 3],
 }
 
 /// Why a token was refused (for logs and metrics; the client only ever
@@ -381,7 +385,14 @@ impl TokenCodec {
         if !session.belongs_to(&user.tag()) {
             return Err(TokenError::Claims);
         }
+        let value = |v: &str| HeaderValue::from_str(v).map_err(|_| TokenError::Claims);
+        let identity_headers = [
+            value(user.as_str())?,
+            value(session.as_str())?,
+            value(device.as_str())?,
+        ];
         Ok(VerifiedToken {
+            identity_headers,
             user,
             session,
             device,

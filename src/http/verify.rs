@@ -11,7 +11,7 @@ use super::AppState;
 use super::extract::BearerToken;
 use crate::error::ApiError;
 use crate::metrics::VerifyOutcome;
-use crate::session::{Reauth, ServiceError};
+use crate::session::Reauth;
 
 pub const X_SESSION_USER: HeaderName = HeaderName::from_static("x-session-user");
 pub const X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
@@ -128,12 +128,11 @@ async fn verify_inner(
         .verify(&token, Reauth::Enforce { max_age }, false)
         .await
         .map_err(ApiError::from)?;
-    let t = &active.token;
-    let header = |v: &str| HeaderValue::from_str(v).map_err(|_| ServiceError::SessionGone);
+    let [user, session, device] = active.token.identity_headers.clone();
     Ok(HttpResponse::Ok()
-        .insert_header((X_SESSION_USER, header(t.user.as_str())?))
-        .insert_header((X_SESSION_ID, header(t.session.as_str())?))
-        .insert_header((X_SESSION_DEVICE, header(t.device.as_str())?))
+        .insert_header((X_SESSION_USER, user))
+        .insert_header((X_SESSION_ID, session))
+        .insert_header((X_SESSION_DEVICE, device))
         .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")))
         .finish())
 }

@@ -470,6 +470,28 @@ impl Store {
         result
     }
 
+    /// Runs an `EVALSHA` command built in one go (no intermediate
+    /// `ScriptInvocation` copies: the hot path), loading the script when
+    /// Redis does not know it (first use, or after a restart).
+    async fn run_evalsha<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.call(|mut conn| async move {
+            match cmd.query_async::<T>(&mut conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script.load_async(&mut conn).await?;
+                    cmd.query_async(&mut conn).await
+                }
+                other => other,
+            }
+        })
+        .await
+    }
+
     /// Runs one script invocation, bounded in time.
     async fn run<T: FromRedisValue>(
         &self,
@@ -494,8 +516,10 @@ impl Store {
         max_auth_age_ms: i64,
         full: bool,
     ) -> Result<Option<LiveSession>, StoreError> {
-        let mut inv = self.scripts.verify.prepare_invoke();
-        inv.key(self.keys.user_of(session))
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.scripts.verify.get_hash())
+            .arg(1)
+            .arg(self.keys.user_of(session))
             .arg(session.field())
             .arg(device.as_str())
             .arg(live.idle_ms)
@@ -503,7 +527,7 @@ impl Store {
             .arg(live.cutoff_ms)
             .arg(if full { "1" } else { "0" })
             .arg(max_auth_age_ms);
-        let reply: Vec<Value> = self.run(&inv).await?;
+        let reply: Vec<Value> = self.run_evalsha(&self.scripts.verify, &cmd).await?;
         let mut it = reply.into_iter();
         let status = int(it.next())?;
         if status == 0 {
@@ -512,7 +536,7 @@ impl Store {
         let (field, device_id, age) = (it.next(), it.next(), it.next());
         if !same_text(&field, session.field())
             || !same_text(&device_id, device.as_str())
-            || !same_text(&age, itoa(max_auth_age_ms).as_str())
+            || !same_int(&age, max_auth_age_ms)
         {
             // Replies on this connection can no longer be matched to
             // requests: drop it.
@@ -747,8 +771,18 @@ impl Store {
     }
 }
 
-fn itoa(n: i64) -> String {
-    n.to_string()
+/// Whether a reply element is this integer, sent back as text (no allocation).
+fn same_int(v: &Option<Value>, expected: i64) -> bool {
+    match v {
+        Some(Value::BulkString(bytes)) => {
+            std::str::from_utf8(bytes)
+                .ok()
+                .and_then(|t| t.parse::<i64>().ok())
+                == Some(expected)
+        }
+        Some(Value::Int(n)) => *n == expected,
+        _ => false,
+    }
 }
 
 /// Whether a reply element is exactly this text (no allocation).
