@@ -279,6 +279,12 @@ impl SessionService {
         })
     }
 
+    /// The caller's live session, for the token holder's own endpoints:
+    /// liveness only (no touch, no password-age policy), one round trip.
+    pub async fn session_of(&self, token: &str) -> Result<ActiveSession, ServiceError> {
+        self.verify(token, Reauth::Ignore, false).await
+    }
+
     /// Logout on this device: the token's own session is deleted. Returns
     /// the session id (for the audit log).
     pub async fn logout_current(&self, token: &str) -> Result<SessionId, ServiceError> {

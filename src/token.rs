@@ -144,10 +144,6 @@ impl KeyRing {
             .find(|k| k.kid == self.active)
             .expect("checked in from_json")
     }
-
-    pub fn kids(&self) -> impl Iterator<Item = &RingKey> {
-        self.keys.iter()
-    }
 }
 
 /// A new random key id.

@@ -189,10 +189,7 @@ pub async fn list(
     token: BearerToken,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let active = state
-        .service
-        .verify(&token.0, Reauth::Ignore, false)
-        .await?;
+    let active = state.service.session_of(&token.0).await?;
     let tag = active.token.user.tag();
     let mine = active.token.session.field();
     let sessions = state
@@ -218,10 +215,7 @@ pub async fn logout_others(
     token: BearerToken,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let active = state
-        .service
-        .verify(&token.0, Reauth::Ignore, false)
-        .await?;
+    let active = state.service.session_of(&token.0).await?;
     let t = &active.token;
     let revoked = state
         .service
@@ -247,10 +241,7 @@ pub async fn logout_one(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let active = state
-        .service
-        .verify(&token.0, Reauth::Ignore, false)
-        .await?;
+    let active = state.service.session_of(&token.0).await?;
     let tag = active.token.user.tag();
     let target = SessionId::parse(&path).map_err(|_| ApiError::NotFound)?;
     if !target.belongs_to(&tag) {
