@@ -70,19 +70,36 @@ fn state(req: &HttpRequest) -> &AppState {
         .expect("AppState is registered")
 }
 
+/// More than one credential where one is expected (two `Authorization`
+/// headers, or two cookies of the configured name): refused, never "the
+/// first one wins", since a proxy and the backend may disagree on which one
+/// that is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Duplicate;
+
 /// The credentials of `Authorization: Bearer <credentials>`, if present.
-pub fn bearer(req: &HttpRequest) -> Option<&[u8]> {
-    let value = req.headers().get(header::AUTHORIZATION)?.as_bytes();
+/// More than one `Authorization` header is `Err(Duplicate)`, whatever the
+/// schemes.
+pub fn bearer(req: &HttpRequest) -> Result<Option<&[u8]>, Duplicate> {
+    let mut values = req.headers().get_all(header::AUTHORIZATION);
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Duplicate);
+    }
+    let value = value.as_bytes();
     if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
-        Some(value[7..].trim_ascii())
+        Ok(Some(value[7..].trim_ascii()))
     } else {
-        None
+        Ok(None)
     }
 }
 
 /// Wrong API keys per peer: after `limit` failures within `window`, the
-/// peer gets 429 until the window ends. Callers that present a right key are
-/// never counted, and other peers are not affected. IPv6 peers count per /64
+/// peer's refused calls get 429 until the window ends. A right key is never
+/// counted and is accepted even from a blocked peer; other peers are not
+/// affected. IPv6 peers count per /64
 /// (one host usually holds a whole /64). In-process (per instance) and
 /// bounded: at most `MAX_TRACKED_PEERS` addresses, pruned at most once per
 /// second; past that, new addresses are not tracked until entries expire.
@@ -163,23 +180,33 @@ impl KeyFailures {
     }
 }
 
+/// The role of the caller's API key. A right key is accepted even while its
+/// peer address is throttled (a shared NAT or proxy must not lock the login
+/// backend out); only a refused call is answered 429 while the peer is
+/// blocked, and only a wrong key counts as a failure.
 fn role(req: &HttpRequest) -> Result<Option<Role>, ApiError> {
     let state = state(req);
     let peer = req.peer_addr().map(|a| a.ip());
+    let presented = bearer(req);
+    // Compare first, and always (even for a blocked peer), so that the
+    // answer's timing does not depend on the throttle state either.
+    let role = match presented {
+        Ok(Some(key)) => state.api_keys.role_of(key),
+        Ok(None) | Err(Duplicate) => None,
+    };
+    if role.is_some() {
+        return Ok(role);
+    }
     if let Some(retry_after) = peer.and_then(|ip| state.key_failures.blocked(ip)) {
         return Err(ApiError::TooManyRequests { retry_after });
     }
-    let Some(key) = bearer(req) else {
-        return Ok(None);
-    };
-    let role = state.api_keys.role_of(key);
-    if role.is_none() {
+    if !matches!(presented, Ok(None)) {
         if let Some(ip) = peer {
             state.key_failures.record(ip);
         }
         tracing::warn!(target: "audit", action = "api_key", outcome = "refused", peer = ?peer);
     }
-    Ok(role)
+    Ok(None)
 }
 
 /// The caller holds an admin key.
@@ -234,7 +261,7 @@ pub struct BearerToken(pub String);
 
 impl BearerToken {
     pub fn from_request_parts(req: &HttpRequest) -> Result<BearerToken, ApiError> {
-        if let Some(raw) = bearer(req) {
+        if let Some(raw) = bearer(req).map_err(|Duplicate| ApiError::InvalidToken)? {
             return std::str::from_utf8(raw)
                 .ok()
                 .filter(|t| !t.is_empty())
@@ -242,14 +269,28 @@ impl BearerToken {
                 .ok_or(ApiError::InvalidToken);
         }
         let state = state(req);
-        let token = req
-            .cookie(&state.cookie_name)
-            .map(|c| c.value().to_string())
+        let token = the_cookie(req, &state.cookie_name)
+            .map_err(|Duplicate| ApiError::InvalidToken)?
             .filter(|t| !t.is_empty())
             .ok_or(ApiError::InvalidToken)?;
         state.origin.check_cookie_request(req)?;
         Ok(BearerToken(token))
     }
+}
+
+/// The value of the one cookie named `name`, over every `Cookie` header;
+/// two of that name are `Err(Duplicate)`. Unparsable cookie headers count
+/// as no cookie (as `HttpRequest::cookie` does).
+fn the_cookie(req: &HttpRequest, name: &str) -> Result<Option<String>, Duplicate> {
+    let Ok(cookies) = req.cookies() else {
+        return Ok(None);
+    };
+    let mut named = cookies.iter().filter(|c| c.name() == name);
+    let first = named.next().map(|c| c.value().to_string());
+    if named.next().is_some() {
+        return Err(Duplicate);
+    }
+    Ok(first)
 }
 
 impl FromRequest for BearerToken {

@@ -5,9 +5,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 
-use crate::helpers::{ADMIN_KEY, assert_error, eventually, spawn_app, spawn_app_with};
+use crate::helpers::{ADMIN_KEY, ISSUER_KEY, assert_error, eventually, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn oversized_headers_get_431() {
@@ -73,10 +73,7 @@ async fn repeated_wrong_keys_get_429_for_that_address_only() {
         ("API_KEY_FAILURE_WINDOW", "60s"),
     ])
     .await;
-    let attacker = reqwest::Client::builder()
-        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
-        .build()
-        .unwrap();
+    let attacker = client_from("127.0.0.2");
     let logout_all = format!("{}/v1/admin/logout-all", app.address);
     for _ in 0..3 {
         let res = attacker
@@ -87,20 +84,227 @@ async fn repeated_wrong_keys_get_429_for_that_address_only() {
             .unwrap();
         assert_error(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
-    // Blocked now, even with the right key.
-    let res = attacker
-        .post(&logout_all)
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert!(res.headers().get("retry-after").is_some());
-    assert_error(res, StatusCode::TOO_MANY_REQUESTS, "too_many_requests").await;
+    // Blocked now: wrong and missing keys get 429 with Retry-After.
+    for auth in [Some("x".repeat(40)), None] {
+        let mut req = attacker.post(&logout_all);
+        if let Some(key) = auth {
+            req = req.bearer_auth(key);
+        }
+        let res = req.send().await.unwrap();
+        assert!(res.headers().get("retry-after").is_some());
+        assert_error(res, StatusCode::TOO_MANY_REQUESTS, "too_many_requests").await;
+    }
     // Another caller is unaffected.
     let s = app.create("alice", "laptop").await;
     let res = app.admin_list("alice").await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
+}
+
+fn client_from(address: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(address.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_right_key_is_accepted_from_a_throttled_address() {
+    // A shared NAT: someone behind it sends 20 wrong keys; the login backend
+    // and an operator behind the same address must still get in.
+    let app = spawn_app_with(&[
+        ("API_KEY_FAILURE_LIMIT", "5"),
+        ("API_KEY_FAILURE_WINDOW", "60s"),
+    ])
+    .await;
+    let nat = client_from("127.0.0.3");
+    let sessions = format!("{}/v1/sessions", app.address);
+    let mut throttled = 0;
+    for _ in 0..20 {
+        let res = nat
+            .post(&sessions)
+            .bearer_auth("y".repeat(40))
+            .json(&serde_json::json!({"user_id": "mallory"}))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert!(res.headers().get("retry-after").is_some());
+            throttled += 1;
+        } else {
+            assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        }
+    }
+    assert_eq!(throttled, 15, "the 6th to 20th wrong keys are throttled");
+    // The right issuer key, from the throttled address, over and over.
+    for i in 0..10 {
+        let res = nat
+            .post(&sessions)
+            .bearer_auth(ISSUER_KEY)
+            .json(&serde_json::json!({"user_id": format!("user-{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED, "login {i}");
+    }
+    let res = nat
+        .get(format!("{}/v1/admin/users/user-0/sessions", app.address))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // A right key does not lift the block for wrong ones.
+    let res = nat
+        .post(&sessions)
+        .bearer_auth("y".repeat(40))
+        .json(&serde_json::json!({"user_id": "mallory"}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, StatusCode::TOO_MANY_REQUESTS, "too_many_requests").await;
+    // Right keys never count: a busy backend on a fresh address is never
+    // throttled, and its first wrong key is a plain 401.
+    let backend = client_from("127.0.0.4");
+    for i in 0..10 {
+        let res = backend
+            .post(&sessions)
+            .bearer_auth(ISSUER_KEY)
+            .json(&serde_json::json!({"user_id": format!("busy-{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+    }
+    let res = backend
+        .post(&sessions)
+        .bearer_auth("y".repeat(40))
+        .json(&serde_json::json!({"user_id": "mallory"}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
+}
+
+/// A request with two `Authorization` headers.
+fn two_authorizations(
+    req: reqwest::RequestBuilder,
+    first: &str,
+    second: &str,
+) -> reqwest::RequestBuilder {
+    // `header` appends: both values are sent, as two header lines.
+    req.header("authorization", format!("Bearer {first}"))
+        .header("authorization", format!("Bearer {second}"))
+}
+
+#[tokio::test]
+async fn two_authorization_headers_are_refused_never_first_wins() {
+    let app = spawn_app().await;
+    let s = app.create("alice", "laptop").await;
+    let other = app.create("bob", "phone").await;
+    let second = app.create("alice", "tablet").await;
+    let logout_second = format!("/v1/sessions/{}", second.session_id);
+    let pairs = [
+        (s.token.as_str(), s.token.as_str()),
+        (s.token.as_str(), "garbage"),
+        ("garbage", s.token.as_str()),
+        (s.token.as_str(), other.token.as_str()),
+    ];
+    let token_routes = [
+        (Method::GET, "/v1/verify"),
+        (Method::POST, "/v1/verify/some/tail"),
+        (Method::GET, "/v1/sessions/current"),
+        (Method::GET, "/v1/sessions"),
+        (Method::DELETE, "/v1/sessions/current"),
+        (Method::DELETE, "/v1/sessions"),
+        (Method::DELETE, logout_second.as_str()),
+    ];
+    for (method, path) in &token_routes {
+        for (first, second) in pairs {
+            let req = two_authorizations(app.request(method.clone(), path), first, second);
+            let res = req.send().await.unwrap();
+            let www = res.headers().get("www-authenticate").cloned();
+            assert_error(res, StatusCode::UNAUTHORIZED, "invalid_token").await;
+            assert!(
+                www.unwrap().to_str().unwrap().contains("invalid_token"),
+                "{method} {path}"
+            );
+        }
+    }
+    // Nothing was done: every session lives.
+    for live in [&s, &other, &second] {
+        assert_eq!(app.verify_status(&live.token).await, StatusCode::OK);
+    }
+
+    // API keys: two headers, even both right, are a refused key (401).
+    let before = app.redis_cmd(&["DBSIZE"]);
+    for (first, second) in [
+        (ISSUER_KEY, ISSUER_KEY),
+        (ISSUER_KEY, "z".repeat(40).as_str()),
+    ] {
+        let res = two_authorizations(app.request(Method::POST, "/v1/sessions"), first, second)
+            .json(&serde_json::json!({"user_id": "carol"}))
+            .send()
+            .await
+            .unwrap();
+        assert_error(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    }
+    let res = two_authorizations(
+        app.request(Method::POST, "/v1/admin/logout-all"),
+        ADMIN_KEY,
+        ADMIN_KEY,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_error(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    assert_eq!(app.redis_cmd(&["DBSIZE"]), before, "nothing stored");
+    assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn two_cookies_of_the_configured_name_are_refused() {
+    let app = spawn_app().await;
+    let s = app.create("alice", "laptop").await;
+    let other = app.create("bob", "phone").await;
+    let t = s.token.as_str();
+    let get = |path: &str| app.request(Method::GET, path);
+    for path in ["/v1/verify", "/v1/verify/x", "/v1/sessions/current"] {
+        // One cookie of that name, among others: accepted.
+        let res = get(path)
+            .header("cookie", format!("theme=dark; session={t}; sessionx=1"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        let twice = [
+            vec![format!("session={t}; session={t}")],
+            vec![format!("session={t}; session={}", other.token)],
+            vec![format!("session=garbage; session={t}")],
+            vec![format!("session={t}"), format!("session={t}")],
+            vec![
+                format!("theme=dark; session={t}"),
+                format!("session=garbage"),
+            ],
+        ];
+        for headers in twice {
+            let mut req = get(path);
+            for h in &headers {
+                req = req.header("cookie", h);
+            }
+            let res = req.send().await.unwrap();
+            assert_error(res, StatusCode::UNAUTHORIZED, "invalid_token").await;
+        }
+    }
+    // A logout with two cookies does nothing.
+    let res = app
+        .request(Method::DELETE, "/v1/sessions/current")
+        .header("cookie", format!("session={t}; session={t}"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(res, StatusCode::UNAUTHORIZED, "invalid_token").await;
+    assert_eq!(app.verify_status(t).await, StatusCode::OK);
 }
 
 #[tokio::test]
