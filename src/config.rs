@@ -144,8 +144,18 @@ pub struct ConfigError {
 }
 
 impl Settings {
-    /// Loads from the process environment (and `SESSIONGATE_CONFIG`).
+    /// Loads from the process environment (and `SESSIONGATE_CONFIG`),
+    /// after refusing any `SESSIONGATE_*` variable it does not know.
     pub fn from_env() -> Result<Settings, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars_os()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.to_string_lossy().into_owned(),
+                )
+            })
+            .collect();
+        check_env_names(&vars)?;
         Self::load(&|name| std::env::var(name).ok())
     }
 
@@ -493,6 +503,146 @@ impl IpNet {
     }
 }
 
+/// `SESSIONGATE_*` names that are not settings of `serve` but are read by
+/// client-side commands (`sessiongate admin`) or by the repository's own
+/// scripts and tests. They are allowed in the service's environment too, so
+/// one shell or unit file can hold both; the service never reads them.
+pub const NON_SETTING_ENV: &[&str] = &[
+    // `sessiongate admin`: where the service is, and the operator's key.
+    "SESSIONGATE_URL",
+    "SESSIONGATE_ADMIN_KEY",
+    "SESSIONGATE_ADMIN_KEY_FILE",
+    // scripts/dev and scripts/redis-dev: the development Redis's port.
+    "SESSIONGATE_DEV_REDIS_PORT",
+    // tests/api/redis_server.rs: the redis.conf the tests' servers run.
+    "SESSIONGATE_REDIS_CONF",
+];
+
+/// Variables of API v1.1 (`API.md`, "Additions"). Any of them that is not a
+/// setting of this build (not a key of `config/default.toml`) stops start-up
+/// when set to a non-empty value, instead of being silently ignored.
+const V1_1_ENV: &[&str] = &[
+    "SESSIONGATE_REDIS_SENTINELS",
+    "SESSIONGATE_REDIS_SENTINEL_MASTER",
+    "SESSIONGATE_REDIS_CLUSTER_NODES",
+    "SESSIONGATE_REDIS_MIN_REPLICAS_ACK",
+    "SESSIONGATE_GRPC_LISTEN",
+];
+
+/// The v1.1 variables that are not settings of this build.
+pub fn unsupported_v1_1_env() -> Vec<&'static str> {
+    let settings = setting_env_names();
+    V1_1_ENV
+        .iter()
+        .copied()
+        .filter(|v| !settings.iter().any(|s| s == v))
+        .collect()
+}
+
+/// Every `SESSIONGATE_*` variable that names a setting: one per key of the
+/// settings table (`config/default.toml`), plus `SESSIONGATE_CONFIG`. A new
+/// setting is known here as soon as it has a default.
+pub fn setting_env_names() -> Vec<String> {
+    let table: Table = DEFAULTS_TOML
+        .parse()
+        .expect("config/default.toml is valid TOML");
+    std::iter::once(CONFIG_ENV.to_string())
+        .chain(
+            table
+                .keys()
+                .map(|k| format!("{ENV_PREFIX}{}", k.to_ascii_uppercase())),
+        )
+        .collect()
+}
+
+/// Refuses the first `SESSIONGATE_*` variable (any letter case) in `vars`
+/// that is neither a setting nor in `NON_SETTING_ENV`, naming it and the
+/// closest known name if one is near; and a v1.1 variable this build does
+/// not support, when it is set to anything but the empty string.
+pub fn check_env_names(vars: &[(String, String)]) -> Result<(), ConfigError> {
+    let settings = setting_env_names();
+    let known = |name: &str| settings.iter().any(|s| s == name) || NON_SETTING_ENV.contains(&name);
+    let mut names: Vec<&(String, String)> = vars
+        .iter()
+        .filter(|(name, _)| {
+            name.len() >= ENV_PREFIX.len()
+                && name.as_bytes()[..ENV_PREFIX.len()].eq_ignore_ascii_case(ENV_PREFIX.as_bytes())
+        })
+        .collect();
+    names.sort();
+    for (name, value) in names {
+        if known(name) {
+            continue;
+        }
+        if V1_1_ENV.contains(&name.as_str()) {
+            if value.is_empty() {
+                continue;
+            }
+            return Err(ConfigError {
+                setting: name.clone(),
+                message: "is an API v1.1 setting that this build does not support; \
+                          unset it (or use a build that supports it)"
+                    .into(),
+            });
+        }
+        let candidates = settings
+            .iter()
+            .map(String::as_str)
+            .chain(NON_SETTING_ENV.iter().copied())
+            .chain(V1_1_ENV.iter().copied());
+        let message = match closest(name, candidates) {
+            Some(near) => format!("unknown variable; did you mean {near}?"),
+            None => "unknown variable (see config/default.toml for every setting)".into(),
+        };
+        return Err(ConfigError {
+            setting: name.clone(),
+            message,
+        });
+    }
+    Ok(())
+}
+
+/// The candidate nearest to `name` (the first of equally near ones; letter
+/// case ignored; adjacent
+/// transpositions count as one edit), if it is within a third of the
+/// name's length after the prefix, and at most 3 edits.
+fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let upper = name.to_ascii_uppercase();
+    let tail = upper.get(ENV_PREFIX.len()..).unwrap_or("");
+    let limit = (tail.len() / 3).clamp(1, 3);
+    candidates
+        .map(|c| (edit_distance(&upper, c), c))
+        .filter(|(d, _)| *d <= limit)
+        // The first of equally near ones: settings are listed first.
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Optimal-string-alignment distance between two byte strings.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
 fn key_of(var: &str) -> String {
     var[ENV_PREFIX.len()..].to_ascii_lowercase()
 }
@@ -671,6 +821,88 @@ mod tests {
             Settings::load(&env_with(&env)).unwrap_err().setting,
             "SESSIONGATE_TRUSTED_PROXIES"
         );
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn every_setting_has_its_variable_and_the_rest_are_refused() {
+        // Every key of the table (and so of `Settings`) is a known name.
+        let table: Table = DEFAULTS_TOML.parse().unwrap();
+        let mut all: Vec<(String, String)> = table
+            .keys()
+            .map(|k| {
+                (
+                    format!("SESSIONGATE_{}", k.to_ascii_uppercase()),
+                    "x".into(),
+                )
+            })
+            .collect();
+        all.push(("SESSIONGATE_CONFIG".into(), "x".into()));
+        all.extend(vars(&[
+            ("SESSIONGATE_URL", "http://127.0.0.1:8080"),
+            ("SESSIONGATE_ADMIN_KEY", "k"),
+            ("SESSIONGATE_ADMIN_KEY_FILE", "/k"),
+            ("PATH", "/bin"),
+            ("SESSIONGATEWAY", "not ours: no underscore"),
+        ]));
+        check_env_names(&all).unwrap();
+        assert!(setting_env_names().contains(&"SESSIONGATE_REDIS_URL".to_string()));
+    }
+
+    #[test]
+    fn an_unknown_variable_is_named_with_the_nearest_known_one() {
+        let cases = [
+            ("SESSIONGATE_REDIS_ULR", Some("SESSIONGATE_REDIS_URL")),
+            ("SESSIONGATE_IDLE_TIMOUT", Some("SESSIONGATE_IDLE_TIMEOUT")),
+            ("SESSIONGATE_ISSUER_KEY", Some("SESSIONGATE_ISSUER_KEYS")),
+            ("sessiongate_redis_url", Some("SESSIONGATE_REDIS_URL")),
+            ("SESSIONGATE_ADMIN_KEYZ", Some("SESSIONGATE_ADMIN_KEYS")),
+            ("SESSIONGATE_GRPC_LISTN", Some("SESSIONGATE_GRPC_LISTEN")),
+            ("SESSIONGATE_COMPLETELY_DIFFERENT", None),
+            ("SESSIONGATE_", None),
+        ];
+        for (name, near) in cases {
+            let err = check_env_names(&vars(&[("HOME", "/root"), (name, "")])).unwrap_err();
+            assert_eq!(err.setting, name);
+            match near {
+                Some(near) => assert_eq!(
+                    err.message,
+                    format!("unknown variable; did you mean {near}?"),
+                    "{name}"
+                ),
+                None => assert!(!err.message.contains("did you mean"), "{name}: {err}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_v1_1_variable_this_build_lacks_is_refused_when_set() {
+        let table: Table = DEFAULTS_TOML.parse().unwrap();
+        let unsupported = unsupported_v1_1_env();
+        for name in V1_1_ENV {
+            assert_eq!(
+                unsupported.contains(name),
+                !table.contains_key(&key_of(name)),
+                "{name}"
+            );
+        }
+        for name in &unsupported {
+            let err = check_env_names(&vars(&[(name, "127.0.0.1:9191")])).unwrap_err();
+            assert_eq!(err.setting, *name);
+            assert!(err.message.contains("not support"), "{err}");
+            // Empty means "not used", which is what this build does.
+            check_env_names(&vars(&[(name, "")])).unwrap();
+        }
+        // A v1.1 name that is a setting here is simply a setting.
+        for name in V1_1_ENV.iter().filter(|v| !unsupported.contains(v)) {
+            check_env_names(&vars(&[(name, "redis://127.0.0.1:7000")])).unwrap();
+        }
     }
 
     #[test]

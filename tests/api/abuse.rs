@@ -355,3 +355,64 @@ async fn a_bad_setting_stops_start_up_naming_the_variable() {
         "the secret was echoed: {stderr}"
     );
 }
+
+/// `sessiongate serve` with the test keys and `extra` variables; it must
+/// stop at start-up (before touching Redis: the URL points nowhere).
+async fn serve_refused(extra: &[(&str, &str)]) -> String {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sessiongate"));
+    cmd.arg("serve")
+        .env("SESSIONGATE_ISSUER_KEYS", crate::helpers::ISSUER_KEY)
+        .env("SESSIONGATE_ADMIN_KEYS", ADMIN_KEY)
+        .env("SESSIONGATE_SIGNING_SECRET", crate::helpers::SIGNING_SECRET)
+        .env("SESSIONGATE_REDIS_URL", "redis://127.0.0.1:1/0")
+        .env("SESSIONGATE_LISTEN", "127.0.0.1:0")
+        .env_remove("SESSIONGATE_CONFIG")
+        .kill_on_drop(true);
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("sessiongate stopped at start-up")
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "configuration error exit");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn an_unknown_sessiongate_variable_stops_start_up_naming_it() {
+    let stderr = serve_refused(&[("SESSIONGATE_REDIS_ULR", "redis://10.0.0.1:6379/0")]).await;
+    assert!(
+        stderr.contains("SESSIONGATE_REDIS_ULR")
+            && stderr.contains("did you mean SESSIONGATE_REDIS_URL?"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("10.0.0.1"),
+        "the value was echoed: {stderr}"
+    );
+    let stderr = serve_refused(&[("SESSIONGATE_NO_SUCH_THING_AT_ALL", "1")]).await;
+    assert!(
+        stderr.contains("SESSIONGATE_NO_SUCH_THING_AT_ALL") && !stderr.contains("did you mean"),
+        "{stderr}"
+    );
+    // A v1.1 variable this build does not implement is not ignored.
+    for name in sessiongate::config::unsupported_v1_1_env() {
+        let stderr = serve_refused(&[(name, "127.0.0.1:9191")]).await;
+        assert!(
+            stderr.contains(name) && stderr.contains("does not support"),
+            "{stderr}"
+        );
+    }
+    // The client-side names are allowed: the error is about the bad
+    // setting, not about them.
+    let stderr = serve_refused(&[
+        ("SESSIONGATE_URL", "http://127.0.0.1:8080"),
+        ("SESSIONGATE_ADMIN_KEY", ADMIN_KEY),
+        ("SESSIONGATE_ADMIN_KEY_FILE", "/nonexistent"),
+        ("SESSIONGATE_WORKERS", "two"),
+    ])
+    .await;
+    assert!(stderr.contains("SESSIONGATE_WORKERS"), "{stderr}");
+    assert!(!stderr.contains("SESSIONGATE_URL"), "{stderr}");
+}
