@@ -48,9 +48,50 @@ pub struct AppState {
         introspect::introspect,
         health::healthz, health::readyz, health::metrics, health::openapi,
     ),
-    modifiers(&SecuritySchemes)
+    modifiers(&SecuritySchemes, &OperationIdPerMethod)
 )]
 pub struct ApiDoc;
+
+/// utoipa gives every method of a `method(get, post, …)` path the handler's
+/// one `operationId`, but an `operationId` must be unique in the document:
+/// an id that occurs more than once becomes `<id>_<method>` on each.
+struct OperationIdPerMethod;
+
+impl Modify for OperationIdPerMethod {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        fn operations(
+            item: &mut utoipa::openapi::PathItem,
+        ) -> [(&'static str, &mut Option<utoipa::openapi::path::Operation>); 8] {
+            [
+                ("get", &mut item.get),
+                ("put", &mut item.put),
+                ("post", &mut item.post),
+                ("delete", &mut item.delete),
+                ("options", &mut item.options),
+                ("head", &mut item.head),
+                ("patch", &mut item.patch),
+                ("trace", &mut item.trace),
+            ]
+        }
+        let mut seen = std::collections::HashMap::<String, usize>::new();
+        for item in openapi.paths.paths.values_mut() {
+            for (_, op) in operations(item) {
+                if let Some(id) = op.as_ref().and_then(|op| op.operation_id.clone()) {
+                    *seen.entry(id).or_default() += 1;
+                }
+            }
+        }
+        for item in openapi.paths.paths.values_mut() {
+            for (method, op) in operations(item) {
+                if let Some(id) = op.as_mut().and_then(|op| op.operation_id.as_mut())
+                    && seen[id.as_str()] > 1
+                {
+                    *id = format!("{id}_{method}");
+                }
+            }
+        }
+    }
+}
 
 struct SecuritySchemes;
 
@@ -210,4 +251,70 @@ fn form_error(err: UrlencodedError, _: &HttpRequest) -> actix_web::Error {
         _ => ApiError::InvalidRequest("malformed form body (token is required)".into()),
     };
     api.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use utoipa::OpenApi;
+
+    use super::ApiDoc;
+
+    /// Two rules of OpenAPI that `openapi-spec-validator` enforces (and
+    /// `scripts/openapi-check` runs it): operation ids are unique, and path
+    /// parameters are exactly the path template's names.
+    #[test]
+    fn operation_ids_are_unique_and_path_parameters_match_the_template() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let mut ids = HashMap::<String, usize>::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                if let Some(id) = op["operationId"].as_str() {
+                    *ids.entry(id.to_string()).or_default() += 1;
+                }
+                let params = op["parameters"].as_array().cloned().unwrap_or_default();
+                for p in &params {
+                    let name = p["name"].as_str().unwrap();
+                    if p["in"] == "path" {
+                        assert!(
+                            path.contains(&format!("{{{name}}}")),
+                            "{method} {path}: path parameter {name} is not in the path"
+                        );
+                        assert_eq!(p["required"], true, "{method} {path}: {name}");
+                    }
+                }
+                for name in path.split('{').skip(1).filter_map(|s| s.split('}').next()) {
+                    assert!(
+                        params
+                            .iter()
+                            .any(|p| p["in"] == "path" && p["name"] == name),
+                        "{method} {path}: {name} is not declared"
+                    );
+                }
+            }
+        }
+        let repeated: Vec<_> = ids.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(repeated.is_empty(), "repeated operation ids: {repeated:?}");
+        // The verify paths serve seven methods each, under distinct ids.
+        assert!(ids.contains_key("verify_get") && ids.contains_key("verify_tail_patch"));
+    }
+
+    #[test]
+    fn max_age_is_an_optional_query_parameter_of_both_verify_forms() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        for path in ["/v1/verify", "/v1/verify/{tail}"] {
+            for method in ["get", "head", "post", "put", "patch", "delete", "options"] {
+                let params = doc["paths"][path][method]["parameters"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{method} {path} has no parameters"));
+                let max_age = params
+                    .iter()
+                    .find(|p| p["name"] == "max_age")
+                    .unwrap_or_else(|| panic!("{method} {path}: no max_age"));
+                assert_eq!(max_age["in"], "query", "{method} {path}");
+                assert_ne!(max_age["required"], true, "{method} {path}");
+            }
+        }
+    }
 }

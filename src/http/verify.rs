@@ -20,7 +20,11 @@ pub const X_SESSION_DEVICE: HeaderName = HeaderName::from_static("x-session-devi
 /// gateways that cannot add a query parameter (Envoy `ext_authz`).
 pub const MAX_AGE_HEADER: HeaderName = HeaderName::from_static("x-sessiongate-max-age");
 
+/// `?max_age=`: an optional query parameter. (Without `parameter_in`,
+/// utoipa's actix integration declares a handler-less `IntoParams` a
+/// required *path* parameter.)
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct VerifyQuery {
     /// Demand a password check at most this many seconds old for this route
     /// (it can only tighten `reauth_after`).
@@ -142,6 +146,7 @@ async fn verify_inner(
 #[utoipa::path(
     method(get, head, post, put, patch, delete, options),
     path = "/v1/verify/{tail}",
+    operation_id = "verify_tail",
     tag = "verify",
     params(
         ("tail" = String, Path, description = "the original request path (ignored)"),
