@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Map, Value, json};
 
 use crate::plot::{Chart, Series, svg};
-use crate::stats::{Stats, latency_json};
+use crate::stats::{Answer, Stats, latency_json};
 use crate::tokens::Safety;
 use crate::{Failure, RunArgs, Scenario};
 
@@ -21,6 +21,17 @@ pub struct PropKind {
     pub not_propagated: u64,
     pub accepted_after_ack: u64,
     pub failed: u64,
+    /// Racers' answers for the round's victims (both instances).
+    pub race_checks: u64,
+    /// Of those, answers to requests sent after the acknowledgement.
+    pub race_after_ack: u64,
+    /// 2xx to racers' requests sent before the acknowledgement (fine).
+    pub race_2xx_before_ack: u64,
+    /// 2xx to racers' requests sent after it (violations).
+    pub race_2xx_after_ack: u64,
+    /// Rounds where some racer did not get its post-acknowledgement answers
+    /// within `--probe-timeout` (transport trouble; not a wrong answer).
+    pub race_incomplete: u64,
 }
 
 pub struct Report<'a> {
@@ -49,6 +60,25 @@ fn map<K: ToString, V: Into<Value> + Copy>(m: &std::collections::BTreeMap<K, V>)
             .map(|(k, v)| (k.to_string(), (*v).into()))
             .collect::<Map<_, _>>(),
     )
+}
+
+/// The safety bookkeeping plus the wrong answers the statuses show.
+fn safety_json(r: &Report) -> Value {
+    let mut s = r.safety.to_json();
+    let server = r.stats.by_class(Answer::ServerError);
+    let unexpected = r.stats.by_class(Answer::Unexpected);
+    s["server_errors"] = server.values().sum::<u64>().into();
+    s["server_errors_by_op"] = map(&server);
+    s["max_server_errors"] = r.args.max_server_errors.into();
+    s["unexpected_statuses"] = unexpected.values().sum::<u64>().into();
+    s["unexpected_statuses_by_op"] = map(&unexpected);
+    s["wrong_refusals_allowed"] = 0.into();
+    if let Some(kinds) = r.propagation {
+        s["race_checks"] = kinds.iter().map(|k| k.race_checks).sum::<u64>().into();
+        s["race_checks_sent_after_ack"] =
+            kinds.iter().map(|k| k.race_after_ack).sum::<u64>().into();
+    }
+    s
 }
 
 pub fn to_json(r: &Report) -> Value {
@@ -91,21 +121,29 @@ pub fn to_json(r: &Report) -> Value {
         "statuses": map(&r.stats.statuses()),
         "errors": map(&r.stats.errors()),
         "ops": ops,
-        "safety": r.safety.to_json(),
+        "safety": safety_json(r),
     });
     if let Some(kinds) = r.propagation {
         let mut p = Map::new();
         for k in kinds {
-            p.insert(
-                k.name.to_string(),
-                json!({
+            let mut entry = json!({
                     "rounds": k.rounds,
                     "latency_us": latency_json(&k.hist),
                     "not_refused_within_probe_timeout": k.not_propagated,
                     "accepted_on_b_after_ack": k.accepted_after_ack,
                     "rounds_failed": k.failed,
-                }),
-            );
+            });
+            // Logout-all's victims are the background pool (no racers).
+            if k.name != "logout_all" {
+                entry["race"] = json!({
+                    "checks": k.race_checks,
+                    "sent_after_ack": k.race_after_ack,
+                    "accepted_sent_before_ack": k.race_2xx_before_ack,
+                    "accepted_sent_after_ack": k.race_2xx_after_ack,
+                    "rounds_incomplete": k.race_incomplete,
+                });
+            }
+            p.insert(k.name.to_string(), entry);
         }
         out["propagation"] = Value::Object(p);
     }
@@ -192,7 +230,7 @@ pub fn table(r: &Report) -> String {
         );
         let _ = writeln!(
             t,
-            "{:<15}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>11}{:>11}{:>8}",
+            "{:<15}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>11}{:>11}{:>8}{:>9}{:>11}{:>11}",
             "kind",
             "rounds",
             "tokens",
@@ -203,39 +241,114 @@ pub fn table(r: &Report) -> String {
             "max",
             "unrefused",
             "2xx on B",
-            "failed"
+            "failed",
+            "races",
+            "after ack",
+            "2xx after"
         );
         for k in kinds {
             let _ = writeln!(
                 t,
-                "{:<15}{:>9}{:>9}{}{:>11}{:>11}{:>8}",
+                "{:<15}{:>9}{:>9}{}{:>11}{:>11}{:>8}{:>9}{:>11}{:>11}",
                 k.name,
                 k.rounds,
                 k.hist.len(),
                 lat_cols(&k.hist),
                 k.not_propagated,
                 k.accepted_after_ack,
-                k.failed
+                k.failed,
+                k.race_checks,
+                k.race_after_ack,
+                k.race_2xx_after_ack
             );
         }
     }
-    let s = r.safety.to_json();
+    let s = safety_json(r);
     let _ = writeln!(t);
     let _ = writeln!(
         t,
-        "safety: {} violation(s) in {} accepted token requests checked; {} accepted by another instance inside the {} ms logout-all window; {} unexpected refusal(s)",
+        "safety: {} violation(s) in {} accepted token requests checked; {} accepted by another instance inside the {} ms logout-all window",
         s["violations"],
         s["accepted_checked"],
         s["accepted_within_logout_all_grace"],
         s["logout_all_grace_ms"],
-        s["unexpected_refusals"]
     );
+    let _ = writeln!(
+        t,
+        "answers: {} 5xx (allowed {}); {} refusal(s) of a live token in {} refusals checked (allowed 0); {} unexpected status(es)",
+        s["server_errors"],
+        s["max_server_errors"],
+        s["wrong_refusals"],
+        s["refusals_checked"],
+        s["unexpected_statuses"],
+    );
+    if r.propagation.is_some() {
+        let _ = writeln!(
+            t,
+            "races: {} verifies of logout / force-logout victims by concurrent racers, {} of them sent after the acknowledgement",
+            s["race_checks"], s["race_checks_sent_after_ack"],
+        );
+    }
     if let Some(ex) = s["examples"].as_array() {
         for e in ex.iter().take(5) {
             let _ = writeln!(t, "  violation: {e}");
         }
     }
+    for (what, m) in [
+        ("5xx", &s["server_errors_by_op"]),
+        ("unexpected", &s["unexpected_statuses_by_op"]),
+    ] {
+        if let Some(m) = m.as_object()
+            && !m.is_empty()
+        {
+            let _ = writeln!(t, "  {what}: {}", Value::Object(m.clone()));
+        }
+    }
+    if let Some(ex) = s["wrong_refusal_examples"].as_array() {
+        for e in ex.iter().take(5) {
+            let _ = writeln!(t, "  refusal of a live token: {e}");
+        }
+    }
     t
+}
+
+/// Why the answers were wrong, if they were: revoked tokens accepted, 5xx
+/// beyond `--max-server-errors`, live tokens refused, unexpected statuses.
+fn wrong_answers(s: &Value) -> Option<String> {
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    let mut why = Vec::new();
+    if n("violations") > 0 {
+        why.push(format!(
+            "{} request(s) were accepted after their token's revocation had been acknowledged",
+            n("violations")
+        ));
+    }
+    if n("server_errors") > n("max_server_errors") {
+        why.push(format!(
+            "{} answer(s) were 5xx ({}; allowed {})",
+            n("server_errors"),
+            s["server_errors_by_op"],
+            n("max_server_errors")
+        ));
+    }
+    if n("wrong_refusals") > 0 {
+        let first = s["wrong_refusal_examples"]
+            .get(0)
+            .map(|e| format!("; first: {e}"))
+            .unwrap_or_default();
+        why.push(format!(
+            "{} request(s) bearing a live token were refused (401/403) with no revocation of it sent before the refusal arrived{first}",
+            n("wrong_refusals")
+        ));
+    }
+    if n("unexpected_statuses") > 0 {
+        why.push(format!(
+            "{} answer(s) had a status the operation never answers in a healthy run ({})",
+            n("unexpected_statuses"),
+            s["unexpected_statuses_by_op"]
+        ));
+    }
+    (!why.is_empty()).then(|| why.join("; "))
 }
 
 fn codes(
@@ -312,11 +425,9 @@ pub fn finish(r: Report) -> Result<(), Failure> {
         std::fs::write(path, svg(&charts))
             .map_err(|e| Failure::Run(format!("{}: {e}", path.display())))?;
     }
-    let violations = r.safety.violations();
-    if violations > 0 {
-        return Err(Failure::Unsafe(format!(
-            "{violations} request(s) were accepted after their token's revocation had been acknowledged"
-        )));
+    let s = safety_json(&r);
+    if let Some(why) = wrong_answers(&s) {
+        return Err(Failure::Unsafe(why));
     }
     let answered = r.stats.answered();
     let failed = r.stats.failed();

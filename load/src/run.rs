@@ -12,9 +12,12 @@ use serde_json::Value;
 use crate::client::{Body, Conn, Reply, path_segment};
 use crate::report::{Report, finish};
 use crate::seed::{Created, create_body};
-use crate::stats::{Op, Stats};
+use crate::stats::{Op, Stats, error_code};
 use crate::target::Target;
-use crate::tokens::{Clock, Kind, NEVER, Safety, Table, TokenInfo, bearer, read_seeds};
+use crate::tokens::{
+    Clock, Kind, Safety, Table, TokenInfo, bearer, read_revoked, read_seeds, revoked_path,
+    write_revoked,
+};
 use crate::{Failure, Rng, RunArgs, Scenario, first_key, metadata, run_id};
 
 /// Both bounds of a run: a deadline and a request budget; plus a stop flag.
@@ -195,6 +198,9 @@ pub async fn run(args: RunArgs, threads: usize) -> Result<(), Failure> {
         return crate::revocation::run(args, threads, target, b, issuer, admin).await;
     }
     let mix = Mix::parse(&args.mix).map_err(Failure::Usage)?;
+    // Seeded sessions earlier runs on this seeds file revoked, and those not
+    // loaded now (past --tokens): written back with this run's at the end.
+    let mut sidecar = None;
     let table = match args.scenario {
         Scenario::Healthz => Table::new(),
         _ => {
@@ -208,7 +214,11 @@ pub async fn run(args: RunArgs, threads: usize) -> Result<(), Failure> {
             if rows.is_empty() {
                 return Err(Failure::Usage(format!("{}: no tokens", path.display())));
             }
-            Table::from_seeds(&rows)
+            let table = Table::from_seeds(&rows);
+            let side = revoked_path(path);
+            let rest = table.apply_revoked(read_revoked(&side).map_err(Failure::Usage)?);
+            sidecar = Some((side, rows.len(), rest));
+            table
         }
     };
     if args.scenario == Scenario::Mixed {
@@ -259,6 +269,14 @@ pub async fn run(args: RunArgs, threads: usize) -> Result<(), Failure> {
         stats.merge(t.await.map_err(|e| Failure::Run(format!("task: {e}")))?);
     }
     let elapsed = started.elapsed();
+    if let Some((side, seeded, rest)) = sidecar {
+        let mut entries = ctx.table.revoked_seeds(seeded);
+        if !entries.is_empty() || !rest.is_empty() {
+            entries.extend(rest);
+            write_revoked(&side, &entries)
+                .map_err(|e| Failure::Run(format!("{}: {e}", side.display())))?;
+        }
+    }
     let report = Report {
         args: &args,
         threads,
@@ -302,15 +320,46 @@ async fn verify_task(ctx: Arc<Ctx>, budget: Arc<Budget>, start: usize) -> Stats 
     stats
 }
 
-/// Applies the safety rule to an answer to a token-bearing request.
-fn judge(ctx: &Ctx, idx: usize, r: &Reply, instance: u8, op: Op) {
-    if is_2xx(r.status) {
-        ctx.safety
-            .accepted(&ctx.table, idx, ctx.clock.ns(r.sent), instance, op);
-    } else if r.status == 401 {
-        ctx.safety
-            .refused(&ctx.table, idx, ctx.clock.ns(r.done), instance);
+/// Applies the safety and refusal rules to answers to token-bearing requests.
+pub struct Judge<'a> {
+    pub clock: &'a Clock,
+    pub table: &'a Table,
+    pub safety: &'a Safety,
+}
+
+impl Judge<'_> {
+    /// `own_logout`: `r` answers that token's own logout.
+    pub fn reply(&self, idx: usize, r: &Reply, instance: u8, op: Op, own_logout: bool) {
+        if is_2xx(r.status) {
+            self.safety
+                .accepted(self.table, idx, self.clock.ns(r.sent), instance, op);
+        } else if matches!(r.status, 401 | 403) {
+            self.safety.refused(
+                self.table,
+                idx,
+                self.clock.ns(r.done),
+                instance,
+                op,
+                r.status,
+                &error_code(&r.body),
+                own_logout,
+            );
+        }
     }
+}
+
+impl Ctx {
+    fn judge(&self) -> Judge<'_> {
+        Judge {
+            clock: &self.clock,
+            table: &self.table,
+            safety: &self.safety,
+        }
+    }
+}
+
+fn judge(ctx: &Ctx, idx: usize, r: &Reply, instance: u8, op: Op) {
+    ctx.judge().reply(idx, r, instance, op, false);
 }
 
 /// The next live token after `*cursor` (a few tries), advancing the cursor.
@@ -412,6 +461,7 @@ async fn mixed_task(ctx: Arc<Ctx>, budget: Arc<Budget>, id: usize, start: usize)
                 let Some((idx, slot, info)) = claimed else {
                     continue;
                 };
+                slot.logout_sent(ctx.clock.now());
                 let req = conn.request(Method::DELETE, current.clone(), Some(&info.auth), None);
                 match exchange(&mut conn, &mut stats, Op::Logout, req).await {
                     Some(r) if r.status == 204 => {
@@ -419,12 +469,10 @@ async fn mixed_task(ctx: Arc<Ctx>, budget: Arc<Budget>, id: usize, start: usize)
                         slot.revoke(ctx.clock.ns(r.done), Kind::Logout);
                         ctx.revoked.lock().expect("not poisoned").push(idx as u32);
                     }
-                    Some(r) if r.status == 401 => {
-                        // Already gone: revoked by a force-logout meanwhile, or
-                        // an unexpected refusal; either way the server said so.
-                        if slot.revoked_ns.load(Ordering::Acquire) == NEVER {
-                            ctx.safety.unexpected();
-                        }
+                    Some(r) if matches!(r.status, 401 | 403) => {
+                        // Already gone: right if a force-logout of it was sent
+                        // before this answer arrived, wrong otherwise.
+                        ctx.judge().reply(idx, &r, 0, Op::Logout, true);
                         slot.revoke(ctx.clock.ns(r.done), Kind::Logout);
                     }
                     // Unknown outcome: never use this token again, claim nothing.
@@ -453,8 +501,24 @@ async fn mixed_task(ctx: Arc<Ctx>, budget: Arc<Budget>, id: usize, start: usize)
                 let uri: Uri = format!("/v1/admin/users/{}/sessions", path_segment(name))
                     .parse()
                     .expect("an encoded path is a URI");
+                // From now on a refusal of the user's tokens is explained.
+                let sending = ctx.clock.now();
+                for &i in idxs {
+                    if let Some(slot) = ctx.table.slot(i as usize) {
+                        slot.revoking(sending);
+                    }
+                }
                 let req = conn.request(Method::DELETE, uri, ctx.admin.as_ref(), None);
-                if let Some(r) = exchange(&mut conn, &mut stats, Op::ForceLogout, req).await
+                let answer = exchange(&mut conn, &mut stats, Op::ForceLogout, req).await;
+                if answer.as_ref().is_none_or(|r| r.status != 200) {
+                    // Unknown outcome: never pick these tokens as live again.
+                    for &i in idxs {
+                        if let Some(slot) = ctx.table.slot(i as usize) {
+                            slot.state.store(crate::tokens::REVOKED, Ordering::Release);
+                        }
+                    }
+                }
+                if let Some(r) = answer
                     && r.status == 200
                 {
                     let at = ctx.clock.ns(r.done);

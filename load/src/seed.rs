@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::client::Conn;
 use crate::stats::error_code;
 use crate::target::Target;
-use crate::tokens::{SeedRow, bearer, write_seeds};
+use crate::tokens::{SeedRow, bearer, revoked_path, write_seeds};
 use crate::{Failure, SeedArgs, first_key, metadata};
 
 /// Attempts per session on a transport error or a 503.
@@ -91,6 +91,14 @@ pub async fn seed(args: SeedArgs) -> Result<(), Failure> {
     let rows: Vec<SeedRow> = rows.into_iter().map(|(_, r)| r).collect();
     write_seeds(&args.out, &rows)
         .map_err(|e| Failure::Run(format!("{}: {e}", args.out.display())))?;
+    // New sessions: what earlier runs revoked on the old file is moot.
+    let side = revoked_path(&args.out);
+    match std::fs::remove_file(&side) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Failure::Run(format!("{}: {e}", side.display())));
+        }
+        _ => {}
+    }
     let rate = rows.len() as f64 / elapsed.as_secs_f64().max(1e-9);
     eprintln!(
         "seed: {} sessions for {} users in {:.2} s ({:.0}/s) over {} connections; {} failed; wrote {}",

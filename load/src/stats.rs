@@ -41,6 +41,24 @@ pub enum Op {
     Probe,
     /// Checking that A refuses a token it revoked.
     ProbeA,
+    /// Racers hammering a logout / force-logout victim on A / B while it is
+    /// revoked.
+    RaceA,
+    RaceB,
+}
+
+/// What an answer means for the pass/fail rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A status this operation answers in a healthy run.
+    Expected,
+    /// 401/403 to a token-bearing request: judged by the refusal rule.
+    Refusal,
+    /// 5xx: always wrong while Redis is up.
+    ServerError,
+    /// Anything else (a 401 to a valid API key, a 400 to a well-formed
+    /// request, a 404 from `/healthz`, ...).
+    Unexpected,
 }
 
 impl Op {
@@ -59,6 +77,38 @@ impl Op {
             Op::Confirm => "confirm_b",
             Op::Probe => "probe_b",
             Op::ProbeA => "probe_a",
+            Op::RaceA => "race_a",
+            Op::RaceB => "race_b",
+        }
+    }
+
+    /// Whether the request bears a session token (its 401/403 is judged by
+    /// the refusal rule) rather than an API key or nothing.
+    pub fn bears_token(self) -> bool {
+        !matches!(
+            self,
+            Op::Healthz | Op::Create | Op::ForceLogout | Op::LogoutAll
+        )
+    }
+
+    /// The success status of this operation.
+    pub fn success(self) -> u16 {
+        match self {
+            Op::Create => 201,
+            Op::Logout => 204,
+            _ => 200,
+        }
+    }
+
+    pub fn classify(self, status: u16) -> Answer {
+        if status >= 500 {
+            Answer::ServerError
+        } else if status == self.success() {
+            Answer::Expected
+        } else if self.bears_token() && matches!(status, 401 | 403) {
+            Answer::Refusal
+        } else {
+            Answer::Unexpected
         }
     }
 }
@@ -199,6 +249,19 @@ impl Stats {
         m
     }
 
+    /// Answers of one class, by `op status` (e.g. `verify 503`).
+    pub fn by_class(&self, class: Answer) -> BTreeMap<String, u64> {
+        let mut m = BTreeMap::new();
+        for (op, s) in &self.ops {
+            for (&status, &n) in &s.statuses {
+                if op.classify(status) == class {
+                    *m.entry(format!("{} {status}", op.name())).or_insert(0) += n;
+                }
+            }
+        }
+        m
+    }
+
     pub fn transport(&self) -> BTreeMap<&'static str, u64> {
         let mut m = BTreeMap::new();
         for s in self.ops.values() {
@@ -264,5 +327,25 @@ mod tests {
         assert_eq!(a.statuses()[&401], 2);
         assert_eq!(a.errors()["invalid_token"], 2);
         assert_eq!(a.all().len(), 3);
+        assert!(a.by_class(Answer::ServerError).is_empty());
+        assert_eq!(a.by_class(Answer::Refusal)["verify 401"], 3 - 1);
+    }
+
+    #[test]
+    fn answers_are_classified_by_operation() {
+        assert_eq!(Op::Verify.classify(200), Answer::Expected);
+        assert_eq!(Op::Verify.classify(401), Answer::Refusal);
+        assert_eq!(Op::RaceB.classify(403), Answer::Refusal);
+        assert_eq!(Op::Verify.classify(503), Answer::ServerError);
+        assert_eq!(Op::Healthz.classify(500), Answer::ServerError);
+        assert_eq!(Op::Verify.classify(400), Answer::Unexpected);
+        assert_eq!(Op::Create.classify(201), Answer::Expected);
+        assert_eq!(Op::Create.classify(200), Answer::Unexpected);
+        assert_eq!(Op::Create.classify(401), Answer::Unexpected);
+        assert_eq!(Op::Logout.classify(204), Answer::Expected);
+        assert_eq!(Op::Logout.classify(401), Answer::Refusal);
+        assert_eq!(Op::LogoutAll.classify(403), Answer::Unexpected);
+        assert_eq!(Op::ForceLogout.classify(200), Answer::Expected);
+        assert_eq!(Op::Healthz.classify(404), Answer::Unexpected);
     }
 }

@@ -3,6 +3,15 @@
 //! Safety rule: no 2xx may answer a request bearing a token whose revocation
 //! the harness had seen acknowledged before it sent the request.
 //!
+//! Refusal rule: no 401/403 may answer a request bearing a token that is
+//! alive, i.e. unless a revocation covering the token had been *sent* before
+//! the refusal was *received* (a server can only apply a revocation after it
+//! was sent, and it must have applied it before it refused). This needs no
+//! allowance, even while revocations race verifies: a refusal that arrives
+//! after the revocation was sent is always explained, one that arrives before
+//! never is. Tokens the harness revoked in an earlier run on the same seeds
+//! file are read from its sidecar (`<seeds>.revoked`, see `read_revoked`).
+//!
 //! * logout / force-logout: the token is revoked from the instant the
 //!   harness finished reading the 204 / 200 (`revoked_ns`);
 //! * logout-all: every token whose creation was acknowledged before the
@@ -19,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::Instant;
@@ -100,6 +109,52 @@ pub fn read_seeds(path: &Path) -> Result<Vec<SeedRow>, String> {
     Ok(rows)
 }
 
+pub const REVOKED_HEADER: &str =
+    "# sessiongate-load revoked seeds v1: session_id\t(logout|force_logout|maybe)";
+
+/// The sidecar of a seeds file: the seeded sessions the harness revoked in
+/// earlier runs (acknowledged, or `maybe`: the answer was lost), so a later
+/// run on the same seeds expects their refusal, and a 2xx for an
+/// acknowledged one is a violation. `seed` removes it with a new file.
+pub fn revoked_path(seeds: &Path) -> PathBuf {
+    let mut p = seeds.as_os_str().to_owned();
+    p.push(".revoked");
+    PathBuf::from(p)
+}
+
+/// Reads a sidecar (none yet: empty): `(session_id, Some(kind) | None)`.
+pub fn read_revoked(path: &Path) -> Result<Vec<(String, Option<Kind>)>, String> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mut out = Vec::new();
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let bad = || format!("{}:{}: expected session_id, kind", path.display(), n + 1);
+        let (sid, kind) = line.split_once('\t').ok_or_else(bad)?;
+        let kind = match kind {
+            "maybe" => None,
+            k => Some(Kind::parse(k).ok_or_else(bad)?),
+        };
+        out.push((sid.to_string(), kind));
+    }
+    Ok(out)
+}
+
+pub fn write_revoked(path: &Path, entries: &[(String, Option<Kind>)]) -> std::io::Result<()> {
+    let mut out = BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "{REVOKED_HEADER}")?;
+    for (sid, kind) in entries {
+        writeln!(out, "{sid}\t{}", kind.map(Kind::name).unwrap_or("maybe"))?;
+    }
+    out.flush()
+}
+
 pub fn bearer(token: &str) -> HeaderValue {
     HeaderValue::from_maybe_shared(Bytes::from(format!("Bearer {token}")))
         .expect("tokens are header-safe")
@@ -138,6 +193,12 @@ impl Kind {
         }
     }
 
+    pub fn parse(name: &str) -> Option<Kind> {
+        [Kind::Logout, Kind::ForceLogout, Kind::LogoutAll]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+
     fn from_u8(v: u8) -> Option<Kind> {
         match v {
             1 => Some(Kind::Logout),
@@ -154,6 +215,11 @@ pub struct Slot {
     pub created_ns: AtomicU64,
     /// When its revocation was acknowledged (`NEVER`: not revoked).
     pub revoked_ns: AtomicU64,
+    /// When a revocation covering it by another route than its own logout
+    /// (a force-logout) was sent (`NEVER`: none); acknowledged or not.
+    pub revoking_ns: AtomicU64,
+    /// When the harness sent this token's own logout (`NEVER`: never).
+    pub logout_sent_ns: AtomicU64,
     pub kind: AtomicU8,
     pub state: AtomicU8,
 }
@@ -164,6 +230,8 @@ impl Slot {
             info: OnceLock::new(),
             created_ns: AtomicU64::new(0),
             revoked_ns: AtomicU64::new(NEVER),
+            revoking_ns: AtomicU64::new(NEVER),
+            logout_sent_ns: AtomicU64::new(NEVER),
             kind: AtomicU8::new(0),
             state: AtomicU8::new(LIVE),
         }
@@ -179,6 +247,17 @@ impl Slot {
             self.kind.store(kind as u8, Ordering::Release);
         }
         self.state.store(REVOKED, Ordering::Release);
+    }
+
+    /// A force-logout covering this token is about to be sent (call before
+    /// taking its send instant).
+    pub fn revoking(&self, at_ns: u64) {
+        self.revoking_ns.fetch_min(at_ns, Ordering::AcqRel);
+    }
+
+    /// This token's own logout is about to be sent.
+    pub fn logout_sent(&self, at_ns: u64) {
+        self.logout_sent_ns.fetch_min(at_ns, Ordering::AcqRel);
     }
 
     pub fn is_live(&self) -> bool {
@@ -265,6 +344,54 @@ impl Table {
             .map(|c| &c[idx & (CHUNK - 1)])
     }
 
+    /// Marks the tokens an earlier run revoked (from the seeds' sidecar) as
+    /// revoked before this run began; returns the entries not in this table
+    /// (to be written back unchanged).
+    pub fn apply_revoked(
+        &self,
+        entries: Vec<(String, Option<Kind>)>,
+    ) -> Vec<(String, Option<Kind>)> {
+        if entries.is_empty() {
+            return entries;
+        }
+        let by_sid: HashMap<&str, usize> = (0..self.len())
+            .filter_map(|i| self.get(i).map(|(_, info)| (&*info.session_id, i)))
+            .collect();
+        let mut rest = Vec::new();
+        for (sid, kind) in entries {
+            match (by_sid.get(sid.as_str()).and_then(|&i| self.slot(i)), kind) {
+                // 0: before any instant of this run.
+                (Some(slot), Some(kind)) => slot.revoke(0, kind),
+                (Some(slot), None) => {
+                    slot.revoking(0);
+                    slot.state.store(REVOKED, Ordering::Release);
+                }
+                (None, _) => rest.push((sid, kind)),
+            }
+        }
+        rest
+    }
+
+    /// The seeded tokens (the first `seeded`) this or an earlier run
+    /// revoked, for the sidecar.
+    pub fn revoked_seeds(&self, seeded: usize) -> Vec<(String, Option<Kind>)> {
+        (0..seeded.min(self.len()))
+            .filter_map(|i| {
+                let (slot, info) = self.get(i)?;
+                let kind = if slot.revoked_ns.load(Ordering::Acquire) != NEVER {
+                    Some(Kind::from_u8(slot.kind.load(Ordering::Acquire)).unwrap_or(Kind::Logout))
+                } else if slot.revoking_ns.load(Ordering::Acquire) != NEVER
+                    || slot.logout_sent_ns.load(Ordering::Acquire) != NEVER
+                {
+                    None
+                } else {
+                    return None;
+                };
+                Some((info.session_id.to_string(), kind))
+            })
+            .collect()
+    }
+
     /// The slot and its token, once filled in.
     pub fn get(&self, idx: usize) -> Option<(&Slot, &TokenInfo)> {
         let slot = self.slot(idx)?;
@@ -290,6 +417,18 @@ struct Violation {
     after_ns: u64,
 }
 
+/// A refusal of a token that was alive.
+#[derive(Debug, Clone)]
+struct WrongRefusal {
+    op: Op,
+    instance: u8,
+    status: u16,
+    error: String,
+    session_id: String,
+    /// How the harness knew the token was alive.
+    alive_because: &'static str,
+}
+
 /// The safety bookkeeping shared by every task.
 pub struct Safety {
     /// Cross-instance propagation window allowed for logout-all.
@@ -301,9 +440,11 @@ pub struct Safety {
     violations: AtomicU64,
     violations_by_kind: [AtomicU64; 4],
     within_grace: AtomicU64,
-    unexpected_refusals: AtomicU64,
+    wrong_refusals: AtomicU64,
+    refusals_checked: AtomicU64,
     accepted_checked: AtomicU64,
     examples: Mutex<Vec<Violation>>,
+    refusal_examples: Mutex<Vec<WrongRefusal>>,
 }
 
 const MAX_EXAMPLES: usize = 20;
@@ -318,9 +459,11 @@ impl Safety {
             violations: AtomicU64::new(0),
             violations_by_kind: Default::default(),
             within_grace: AtomicU64::new(0),
-            unexpected_refusals: AtomicU64::new(0),
+            wrong_refusals: AtomicU64::new(0),
+            refusals_checked: AtomicU64::new(0),
             accepted_checked: AtomicU64::new(0),
             examples: Mutex::new(Vec::new()),
+            refusal_examples: Mutex::new(Vec::new()),
         }
     }
 
@@ -397,27 +540,69 @@ impl Safety {
         }
     }
 
-    /// A request bearing token `idx` was refused with `invalid_token`. Counts
-    /// refusals of tokens the harness never revoked and was not revoking.
-    pub fn refused(&self, table: &Table, idx: usize, done_ns: u64, instance: u8) {
+    /// A request bearing token `idx`, answered at `done_ns` by `instance`,
+    /// was refused (401 or 403). Counts it as a wrong refusal unless a
+    /// revocation covering the token had been sent before `done_ns`. For the
+    /// answer to the token's own logout, pass `own_logout`: its own request
+    /// does not explain its refusal. A wrongly refused token is not picked as
+    /// live again (so one dead token counts once per task at most).
+    #[allow(clippy::too_many_arguments)]
+    pub fn refused(
+        &self,
+        table: &Table,
+        idx: usize,
+        done_ns: u64,
+        instance: u8,
+        op: Op,
+        status: u16,
+        error: &str,
+        own_logout: bool,
+    ) {
+        self.refusals_checked.fetch_add(1, Ordering::Relaxed);
         let Some(slot) = table.slot(idx) else { return };
-        if slot.state.load(Ordering::Acquire) == LIVE
-            && self.revocation(slot, done_ns, instance).is_none()
-            && !self.maybe_covered_by_logout_all(slot)
-        {
-            self.unexpected_refusals.fetch_add(1, Ordering::Relaxed);
-            // Dead for reasons the harness did not cause (an earlier run on the
-            // same seeds, eviction, expiry): stop picking it as a live token.
-            slot.state.store(REVOKED, Ordering::Release);
+        let explained = slot.revoked_ns.load(Ordering::Acquire) <= done_ns
+            || slot.revoking_ns.load(Ordering::Acquire) <= done_ns
+            || (!own_logout && slot.logout_sent_ns.load(Ordering::Acquire) <= done_ns)
+            || self.covered_by_logout_all(slot, done_ns);
+        if explained {
+            return;
         }
+        self.wrong_refusals.fetch_add(1, Ordering::Relaxed);
+        let created = slot.created_ns.load(Ordering::Acquire);
+        let mut ex = self.refusal_examples.lock().expect("not poisoned");
+        if ex.len() < MAX_EXAMPLES {
+            ex.push(WrongRefusal {
+                op,
+                instance,
+                status,
+                error: error.to_string(),
+                session_id: slot
+                    .info()
+                    .map(|i| i.session_id.to_string())
+                    .unwrap_or_default(),
+                alive_because: if created > 0 {
+                    "created in this run, never revoked"
+                } else {
+                    "seeded, never revoked by the harness"
+                },
+            });
+        }
+        drop(ex);
+        if own_logout {
+            return;
+        }
+        // Dead for a reason the harness did not cause: stop picking it.
+        let _ = slot
+            .state
+            .compare_exchange(LIVE, REVOKED, Ordering::AcqRel, Ordering::Acquire);
     }
 
-    /// Whether a logout-all sent after this token's creation exists, even
-    /// one not acknowledged yet (a refusal is then expected).
-    fn maybe_covered_by_logout_all(&self, slot: &Slot) -> bool {
+    /// Whether a logout-all sent before `done_ns` covers this token (created
+    /// before the logout-all was sent), acknowledged yet or not.
+    fn covered_by_logout_all(&self, slot: &Slot, done_ns: u64) -> bool {
         let created = slot.created_ns.load(Ordering::Acquire);
         let pending = self.pending_logout_all.load(Ordering::Acquire);
-        if pending != NEVER && created < pending {
+        if pending != NEVER && created < pending && pending <= done_ns {
             return true;
         }
         self.n_logout_alls.load(Ordering::Acquire) > 0
@@ -426,12 +611,11 @@ impl Safety {
                 .read()
                 .expect("not poisoned")
                 .iter()
-                .any(|m| created < m.sent_ns)
+                .any(|m| created < m.sent_ns && m.sent_ns <= done_ns)
     }
 
-    /// A refusal the harness cannot explain, found by the caller.
-    pub fn unexpected(&self) {
-        self.unexpected_refusals.fetch_add(1, Ordering::Relaxed);
+    pub fn wrong_refusals(&self) -> u64 {
+        self.wrong_refusals.load(Ordering::Acquire)
     }
 
     pub fn violations(&self) -> u64 {
@@ -454,6 +638,22 @@ impl Safety {
                 })
             })
             .collect();
+        let refusal_examples: Vec<Value> = self
+            .refusal_examples
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|w| {
+                json!({
+                    "op": w.op.name(),
+                    "instance": instance_name(w.instance),
+                    "status": w.status,
+                    "error": w.error,
+                    "session_id": w.session_id,
+                    "alive_because": w.alive_because,
+                })
+            })
+            .collect();
         let by_kind = |k: Kind| self.violations_by_kind[k as usize].load(Ordering::Acquire);
         json!({
             "violations": self.violations(),
@@ -465,8 +665,10 @@ impl Safety {
             "accepted_checked": self.accepted_checked.load(Ordering::Acquire),
             "accepted_within_logout_all_grace": self.within_grace.load(Ordering::Acquire),
             "logout_all_grace_ms": self.grace_ns as f64 / 1e6,
-            "unexpected_refusals": self.unexpected_refusals.load(Ordering::Acquire),
+            "wrong_refusals": self.wrong_refusals(),
+            "refusals_checked": self.refusals_checked.load(Ordering::Acquire),
             "examples": examples,
+            "wrong_refusal_examples": refusal_examples,
         })
     }
 }
@@ -558,29 +760,102 @@ mod tests {
         assert_eq!(j["violations_by_kind"]["logout_all"], 2);
     }
 
+    fn refuse(s: &Safety, t: &Table, idx: usize, done_ns: u64) {
+        s.refused(t, idx, done_ns, 0, Op::Verify, 401, "invalid_token", false);
+    }
+
     #[test]
     fn refusals_during_a_logout_all_in_flight_are_expected() {
         let t = Table::new();
         let s = Safety::new(0);
         let old = t.push(info("old"), 10).unwrap();
+        let old2 = t.push(info("old2"), 10).unwrap();
+        // answered before the logout-all was sent: nothing explains it
+        refuse(&s, &t, old2, 40);
+        assert_eq!(s.wrong_refusals(), 1);
         s.logout_all_pending(50);
-        s.refused(&t, old, 60, 1);
-        assert_eq!(s.to_json()["unexpected_refusals"], 0);
+        s.refused(&t, old, 60, 1, Op::VerifyB, 401, "invalid_token", false);
+        assert_eq!(s.wrong_refusals(), 1);
         s.logout_all(50, 70, 0);
         let new = t.push(info("new"), 80).unwrap();
-        s.refused(&t, new, 90, 0);
-        assert_eq!(s.to_json()["unexpected_refusals"], 1);
+        refuse(&s, &t, new, 90);
+        assert_eq!(s.to_json()["wrong_refusals"], 2);
+        assert_eq!(s.to_json()["refusals_checked"], 3);
+        let ex = &s.to_json()["wrong_refusal_examples"];
+        assert_eq!(ex[1]["alive_because"], "created in this run, never revoked");
     }
 
     #[test]
-    fn refusals_of_untouched_tokens_are_unexpected() {
+    fn a_refusal_is_explained_only_by_a_revocation_sent_before_it_arrived() {
         let t = Table::new();
         let s = Safety::new(0);
         let a = t.push(info("a"), 0).unwrap();
         let b = t.push(info("b"), 0).unwrap();
-        assert!(t.slot(b).unwrap().claim());
-        s.refused(&t, a, 10, 0);
-        s.refused(&t, b, 10, 0);
-        assert_eq!(s.to_json()["unexpected_refusals"], 1);
+        let c = t.push(info("c"), 5).unwrap();
+        t.slot(a).unwrap().logout_sent(100);
+        t.slot(b).unwrap().revoking(100);
+        refuse(&s, &t, a, 99); // before the logout was sent
+        refuse(&s, &t, b, 99); // before the force-logout was sent
+        assert_eq!(s.wrong_refusals(), 2);
+        refuse(&s, &t, a, 100);
+        refuse(&s, &t, b, 150); // in flight, not acknowledged: fine
+        assert_eq!(s.wrong_refusals(), 2);
+        // The logout's own 401 is not explained by the logout itself…
+        s.refused(&t, a, 120, 0, Op::Logout, 401, "invalid_token", true);
+        assert_eq!(s.wrong_refusals(), 3);
+        // …but by a force-logout sent before it.
+        s.refused(&t, b, 120, 0, Op::Logout, 401, "invalid_token", true);
+        assert_eq!(s.wrong_refusals(), 3);
+        // An untouched token: wrong, and no longer picked as live.
+        refuse(&s, &t, c, 10);
+        assert_eq!(s.wrong_refusals(), 4);
+        assert!(!t.slot(c).unwrap().is_live());
+        t.slot(c).unwrap().revoke(200, Kind::Logout);
+        refuse(&s, &t, c, 200);
+        assert_eq!(s.wrong_refusals(), 4);
+    }
+
+    #[test]
+    fn the_sidecar_carries_revocations_to_the_next_run() {
+        let path = std::env::temp_dir().join(format!("sgl-rev-{}", std::process::id()));
+        let t = Table::new();
+        for n in ["s0", "s1", "s2", "s3"] {
+            t.push(info(n), 0).unwrap();
+        }
+        t.slot(0).unwrap().revoke(50, Kind::ForceLogout);
+        t.slot(1).unwrap().logout_sent(60); // answer lost
+        t.slot(2).unwrap().claim(); // claimed, never sent: not revoked
+        let mut entries = t.revoked_seeds(4);
+        entries.push(("gone".into(), Some(Kind::Logout)));
+        write_revoked(&path, &entries).unwrap();
+        let back = read_revoked(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            back,
+            vec![
+                ("s0".to_string(), Some(Kind::ForceLogout)),
+                ("s1".to_string(), None),
+                ("gone".to_string(), Some(Kind::Logout)),
+            ]
+        );
+        assert!(read_revoked(&path).unwrap().is_empty());
+        // The next run: s0 revoked before it began, s1 maybe, s3 alive.
+        let t2 = Table::new();
+        for n in ["s0", "s1", "s2", "s3"] {
+            t2.push(info(n), 0).unwrap();
+        }
+        let rest = t2.apply_revoked(back);
+        assert_eq!(rest, vec![("gone".to_string(), Some(Kind::Logout))]);
+        let s = Safety::new(0);
+        s.accepted(&t2, 0, 1, 0, Op::Verify);
+        assert_eq!(s.violations(), 1);
+        s.accepted(&t2, 1, 1, 0, Op::Verify);
+        assert_eq!(s.violations(), 1);
+        refuse(&s, &t2, 0, 1);
+        refuse(&s, &t2, 1, 1);
+        assert_eq!(s.wrong_refusals(), 0);
+        assert!(!t2.slot(1).unwrap().is_live() && t2.slot(3).unwrap().is_live());
+        refuse(&s, &t2, 3, 1);
+        assert_eq!(s.wrong_refusals(), 1);
     }
 }
