@@ -96,7 +96,7 @@ Example:
     /// when there was no live session with that id.
     #[command(after_help = "\
 Example:
-  sessiongate admin revoke 8YbX0sJq3kV2mR1tN6wP4A9c2F7hL0eQzUuK5dTnB1s")]
+  sessiongate admin revoke K9gGyX8OAK8aH8Myj6djqQFx2-HnDzvmpiezXa5_AJUQ")]
     Revoke {
         /// The session id (as listed by `sessions`).
         session: String,
@@ -107,7 +107,7 @@ Example:
     #[command(after_help = "\
 Example:
   sessiongate admin logout-user alice
-  sessiongate admin logout-user alice --except 8YbX0sJq3kV2mR1tN6wP4A9c2F7hL0eQzUuK5dTnB1s")]
+  sessiongate admin logout-user alice --except K9gGyX8OAK8aH8Myj6djqQFx2-HnDzvmpiezXa5_AJUQ")]
     LogoutUser {
         /// The user id.
         user: String,
@@ -218,7 +218,8 @@ fn execute(args: AdminArgs) -> Result<Exit, Failure> {
         return Err(Failure::usage(format!(
             "refusing a key on the command line: argv shows in `ps` and shell history. \
              Put the admin key in {KEY_VAR}, or in a file (chmod 600) named by \
-             --key-file or {KEY_FILE_VAR}; and consider rotating the key you just typed"
+             --key-file or {KEY_FILE_VAR}; and consider replacing the admin key you just typed \
+             (in the service's SESSIONGATE_ADMIN_KEYS)"
         )));
     }
     // Check local usage before any network call or key handling.
