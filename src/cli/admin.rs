@@ -551,16 +551,27 @@ impl Api {
         }
         // The chain says why (connection refused, DNS, TLS); it holds no key.
         let mut why = String::new();
+        let mut refused = false;
         let mut source = std::error::Error::source(e);
         while let Some(s) = source {
             why = s.to_string();
+            refused |= s
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
             source = s.source();
         }
         if why.is_empty() {
             why = e.to_string();
         }
+        let tls = if base.starts_with("https://") && !refused {
+            " For https: does that port speak TLS, and does this machine trust its certificate \
+             (the system's roots, or SSL_CERT_FILE=ca.pem)?"
+        } else {
+            ""
+        };
         Failure::unavailable(format!(
-            "could not reach the service at {base}: {why}. Is it running, and is {URL_VAR} right?"
+            "could not reach the service at {base}: {why}. Is it running, and is {URL_VAR} \
+             right?{tls}"
         ))
     }
 
@@ -916,6 +927,25 @@ mod tests {
             Some("http://u:p@x/"),
         ] {
             assert_eq!(base_url(bad).unwrap_err().exit, Exit::Usage, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_loopback_hosts_count_as_local() {
+        for (url, local) in [
+            ("http://127.0.0.1:8080", true),
+            ("http://127.9.9.9", true),
+            ("http://localhost:1", true),
+            ("http://[::1]:8080", true),
+            ("http://10.0.0.5:8080", false),
+            ("http://sessiongate.internal", false),
+            ("http://localhost.example", false),
+        ] {
+            assert_eq!(
+                is_loopback(&reqwest::Url::parse(url).unwrap()),
+                local,
+                "{url}"
+            );
         }
     }
 

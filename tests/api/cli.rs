@@ -120,6 +120,27 @@ async fn sessions_lists_a_users_sessions_as_a_table_and_as_json() {
 }
 
 #[tokio::test]
+async fn ids_with_slashes_spaces_and_non_ascii_reach_the_right_user_and_device() {
+    let app = spawn_app().await;
+    let user = "ops team/é?x=1#";
+    let s = app.create(user, "dev/ice %2F").await;
+    let decoy = app.create("ops team", "dev").await;
+
+    let run = admin(&app, &["sessions", user, "--json"]).await;
+    run.assert_code(0);
+    let sessions = run.json()["sessions"].as_array().unwrap().clone();
+    assert_eq!(sessions.len(), 1, "{run:?}");
+    assert_eq!(sessions[0]["session_id"], s.session_id.as_str());
+
+    let run = admin(&app, &["logout-device", user, "dev/ice %2F"]).await;
+    run.assert_code(0);
+    assert_eq!(app.verify_status(&s.token).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.verify_status(&decoy.token).await, StatusCode::OK);
+    // "." and ".." would be resolved away in a URL path: refused locally.
+    admin(&app, &["sessions", ".."]).await.assert_code(2);
+}
+
+#[tokio::test]
 async fn revoke_ends_the_session_and_its_token_no_longer_verifies() {
     let app = spawn_app().await;
     let s = app.create("alice", "laptop").await;
