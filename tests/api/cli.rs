@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
 use crate::helpers::{ADMIN_KEY, ISSUER_KEY, TestApp, spawn_app};
-use crate::redis_server::free_port;
+use crate::redis_server::{free_port, kill_with_parent};
 
 /// What one run of the binary did.
 #[derive(Debug)]
@@ -484,4 +484,142 @@ async fn an_unreachable_or_unavailable_service_is_exit_3() {
     let run = admin(&app, &["logout-user", "alice"]).await;
     run.assert_code(3);
     assert!(run.stderr.contains("store_unavailable"), "{run:?}");
+}
+
+/// Caddy serving `https://127.0.0.1:PORT` with a certificate from its own
+/// throwaway CA (`tls internal`), proxying to an app: an https target for
+/// the CLI, trusted only through `SSL_CERT_FILE`.
+struct TlsProxy {
+    url: String,
+    root_ca: std::path::PathBuf,
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl TlsProxy {
+    fn start(upstream: &str) -> TlsProxy {
+        let dir = tempfile::Builder::new()
+            .prefix("sessiongate-cli-tls-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let d = dir.path().display();
+        let caddyfile = dir.path().join("Caddyfile");
+        std::fs::write(
+            &caddyfile,
+            format!(
+                "{{\n\tadmin off\n\tstorage file_system {d}/data\n\tskip_install_trust\n\
+                 \tlocal_certs\n\tauto_https disable_redirects\n}}\n\
+                 https://127.0.0.1:{port} {{\n\ttls internal\n\treverse_proxy {upstream}\n}}\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("caddy.log")).unwrap();
+        let mut command = std::process::Command::new("caddy");
+        command
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&caddyfile)
+            .env("HOME", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path())
+            .env("XDG_DATA_HOME", dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        kill_with_parent(&mut command);
+        let child = command
+            .spawn()
+            .expect("run caddy (is it installed? scripts/test installs it)");
+        TlsProxy {
+            url: format!("https://127.0.0.1:{port}"),
+            root_ca: dir.path().join("data/pki/authorities/local/root.crt"),
+            child,
+            dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("caddy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn an_https_target_works_when_its_ca_is_trusted_and_is_exit_3_when_not() {
+    let app = spawn_app().await;
+    let s = app.create("alice", "laptop").await;
+    let upstream = format!("127.0.0.1:{}", app.port);
+    let mut proxy = TlsProxy::start(&upstream);
+    let mut attempts = 0;
+    // Caddy makes its CA and the certificate after it starts: wait (up to
+    // 30 s) for the CLI to succeed through it, trusting only that CA.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        if let Ok(Some(status)) = proxy.child.try_wait() {
+            // Another process took the port between free_port() and
+            // Caddy's bind: try another one.
+            let log = proxy.log();
+            assert!(
+                log.contains("address already in use") && attempts < 5,
+                "caddy exited ({status}); log:\n{log}"
+            );
+            attempts += 1;
+            proxy = TlsProxy::start(&upstream);
+            continue;
+        }
+        let ca = proxy.root_ca.to_str().unwrap().to_string();
+        let run = admin_with(
+            &[
+                ("SESSIONGATE_URL", &proxy.url),
+                ("SESSIONGATE_ADMIN_KEY", ADMIN_KEY),
+                ("SSL_CERT_FILE", &ca),
+            ],
+            &["sessions", "alice", "--json"],
+            "",
+        )
+        .await;
+        if run.code == 0 || std::time::Instant::now() > deadline {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    run.assert_code(0);
+    assert_eq!(
+        run.json()["sessions"][0]["session_id"],
+        s.session_id.as_str()
+    );
+    let ca = proxy.root_ca.to_str().unwrap();
+    let run = admin_with(
+        &[
+            ("SESSIONGATE_URL", &proxy.url),
+            ("SESSIONGATE_ADMIN_KEY", ADMIN_KEY),
+            ("SSL_CERT_FILE", ca),
+        ],
+        &["revoke", &s.session_id],
+        "",
+    )
+    .await;
+    run.assert_code(0);
+    assert_eq!(app.verify_status(&s.token).await, StatusCode::UNAUTHORIZED);
+
+    // The same target without its CA: the certificate is not trusted.
+    let run = admin_with(
+        &[
+            ("SESSIONGATE_URL", &proxy.url),
+            ("SESSIONGATE_ADMIN_KEY", ADMIN_KEY),
+        ],
+        &["sessions", "alice"],
+        "",
+    )
+    .await;
+    run.assert_code(3);
+    assert!(
+        run.stderr.contains("certificate") && run.stderr.contains("SSL_CERT_FILE"),
+        "{run:?}"
+    );
 }
