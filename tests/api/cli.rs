@@ -376,6 +376,17 @@ async fn the_key_can_come_from_a_file_and_a_wrong_key_is_exit_1_with_advice() {
     let run = admin_with(&[url], &["--key-file", path, "sessions", "alice"], "").await;
     run.assert_code(0);
     assert_eq!(run.stdout.lines().count(), 2, "{run:?}");
+    assert!(!run.stderr.contains("warning"), "{run:?}");
+    // Readable by others: still used, with a warning that says the fix.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let run = admin_with(&[url], &["--key-file", path, "sessions", "alice"], "").await;
+    run.assert_code(0);
+    assert!(
+        run.stderr.contains("readable by other users") && run.stderr.contains("chmod 600"),
+        "{run:?}"
+    );
+    std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
     let run = admin_with(
         &[url, ("SESSIONGATE_ADMIN_KEY_FILE", path)],
         &["sessions", "alice", "--json"],
