@@ -223,7 +223,7 @@ fn execute(args: AdminArgs) -> Result<Exit, Failure> {
         )));
     }
     // Check local usage before any network call or key handling.
-    let token = match &command {
+    match &command {
         AdminCommand::LogoutAll { yes: false } => {
             return Err(Failure::usage(
                 "logout-all signs out EVERY user on EVERY device: every token issued before now \
@@ -237,10 +237,15 @@ fn execute(args: AdminArgs) -> Result<Exit, Failure> {
                  Pass it on stdin: printf %s \"$TOKEN\" | sessiongate admin introspect",
             ));
         }
+        _ => {}
+    }
+    let api = Api::new(&target)?;
+    // After the target and key are known good: no prompt for a token that
+    // could not be sent anyway.
+    let token = match &command {
         AdminCommand::Introspect { token: None } => Some(read_token()?),
         _ => None,
     };
-    let api = Api::new(&target)?;
     let json = target.json;
     match command {
         AdminCommand::Sessions { user } => {
