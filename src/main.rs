@@ -1,4 +1,7 @@
-//! The `sessiongate` binary: `sessiongate serve` runs the service.
+//! The `sessiongate` binary: `sessiongate serve` runs the service;
+//! `sessiongate admin …` is the operator's client of its admin API.
+
+mod cli;
 
 use std::process::ExitCode;
 
@@ -24,10 +27,20 @@ enum Command {
         /// Unix seconds, or "now".
         at: String,
     },
+    /// Operator commands over the HTTP admin API: list and revoke sessions,
+    /// sign out users, devices or everyone, rotate the signing key, introspect
+    /// a token.
+    Admin(cli::admin::AdminArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The admin client needs none of the server's settings (and reads its
+    // own SESSIONGATE_URL / _ADMIN_KEY / _ADMIN_KEY_FILE, which serve never does).
+    let command = match cli.command {
+        Command::Admin(args) => return cli::admin::run(args),
+        command => command,
+    };
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => {
@@ -37,9 +50,10 @@ fn main() -> ExitCode {
     };
     sessiongate::telemetry::init(&settings.log_level, settings.log_format);
     let result = actix_web::rt::System::new().block_on(async move {
-        match cli.command {
+        match command {
             Command::Serve => serve(settings).await,
             Command::RevokeBefore { at } => revoke_before(settings, &at).await,
+            Command::Admin(_) => unreachable!("handled before start-up"),
         }
     });
     match result {

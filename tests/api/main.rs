@@ -7,6 +7,7 @@ mod redis_server;
 mod abuse;
 mod admin;
 mod chaos;
+mod cli;
 mod cluster;
 mod fault_proxy;
 mod faults;
