@@ -131,6 +131,7 @@ pub struct Settings {
     pub reauth_after: Duration,
     pub max_sessions_per_user: u32,
     pub touch_interval: Duration,
+    pub console_session_ttl: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -444,6 +445,13 @@ impl Layers {
             reauth_after: positive("reauth_after")?,
             max_sessions_per_user: self.integer("max_sessions_per_user", 1, 10_000)? as u32,
             touch_interval: positive("touch_interval")?,
+            console_session_ttl: {
+                let ttl = positive("console_session_ttl")?;
+                if ttl > Duration::from_secs(86_400) {
+                    return Err(self.err("console_session_ttl", "must be at most 24h"));
+                }
+                ttl
+            },
             log_level: self.string("log_level")?,
             log_format,
         };

@@ -8,6 +8,7 @@ mod abuse;
 mod admin;
 mod chaos;
 mod cluster;
+mod console;
 mod fault_proxy;
 mod faults;
 mod gateway;
