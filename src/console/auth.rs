@@ -225,15 +225,17 @@ pub fn removal(name: &'static str, secure: bool) -> Cookie<'static> {
     c
 }
 
-/// Refuses an unsafe request that a browser marked as cross-site: a
-/// `Sec-Fetch-Site` other than `same-origin`, or an `Origin` that is not
-/// this host. Non-browser clients send neither (the CSRF token still
-/// applies to them).
+/// Refuses an unsafe request that a browser marked as cross-site.
+/// `Sec-Fetch-Site`, when sent, must be `same-origin`; it is decisive,
+/// because under `Referrer-Policy: no-referrer` browsers send `Origin: null`
+/// even for a same-origin form. An `Origin` naming a host must be this host;
+/// `Origin: null` without `Sec-Fetch-Site` (a sandboxed frame, an old
+/// browser) is refused. Non-browser clients send neither (the CSRF token
+/// still applies to them).
 pub fn same_origin(req: &HttpRequest, origin: &OriginPolicy) -> bool {
     let headers = req.headers();
-    if let Some(site) = headers.get("sec-fetch-site")
-        && site.as_bytes() != b"same-origin"
-    {
+    let fetch_site = headers.get("sec-fetch-site");
+    if fetch_site.is_some_and(|site| site.as_bytes() != b"same-origin") {
         return false;
     }
     let Some(given) = headers.get(header::ORIGIN) else {
@@ -242,8 +244,11 @@ pub fn same_origin(req: &HttpRequest, origin: &OriginPolicy) -> bool {
     let Ok(given) = given.to_str() else {
         return false;
     };
+    if given == "null" {
+        return fetch_site.is_some();
+    }
     let Some((scheme, authority)) = given.trim_end_matches('/').split_once("://") else {
-        return false; // "null" and the like
+        return false;
     };
     let trusted = origin.trusted(req);
     let forwarded = |name: &str| trusted.then(|| headers.get(name)?.to_str().ok()).flatten();

@@ -266,21 +266,25 @@ async fn posts_without_the_sessions_csrf_token_or_from_another_site_are_refused(
     );
     let mut right = form("");
     right.push(("csrf", &c.csrf));
-    for (name, value) in [
-        ("origin", "https://evil.example"),
-        ("origin", "null"),
-        ("sec-fetch-site", "cross-site"),
-        ("sec-fetch-site", "same-site"),
+    for headers in [
+        &[("origin", "https://evil.example")][..],
+        &[("origin", "null")],
+        &[("sec-fetch-site", "cross-site")],
+        &[("sec-fetch-site", "same-site")],
+        &[
+            ("sec-fetch-site", "same-origin"),
+            ("origin", "https://evil.example"),
+        ],
+        &[("sec-fetch-site", "cross-site"), ("origin", "null")],
     ] {
-        let res = app
+        let mut req = app
             .request(Method::POST, path)
-            .header("cookie", format!("sessiongate_console={}", c.cookie))
-            .header(name, value)
-            .form(&right)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{name}: {value}");
+            .header("cookie", format!("sessiongate_console={}", c.cookie));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let res = req.form(&right).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{headers:?}");
     }
     // Without the console cookie the token alone does nothing.
     let res = app
@@ -312,11 +316,33 @@ async fn posts_without_the_sessions_csrf_token_or_from_another_site_are_refused(
         assert!(set_cookie(res.headers(), "sessiongate_console").is_none());
     }
 
-    // Same-origin, with the token: done.
+    // Same-origin by Origin, with the token: accepted (a second session, so
+    // the revocation below is still to do).
+    let other_device = app.create("alice", "phone").await;
     let res = app
         .request(Method::POST, path)
         .header("cookie", format!("sessiongate_console={}", c.cookie))
         .header("origin", &app.address)
+        .form(&[
+            ("csrf", c.csrf.as_str()),
+            ("user_id", "alice"),
+            ("action", "session"),
+            ("session_id", &other_device.session_id),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        app.verify_status(&other_device.token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    // What a browser sends for a same-origin form under no-referrer
+    // (Origin: null, Sec-Fetch-Site: same-origin), with the token: done.
+    let res = app
+        .request(Method::POST, path)
+        .header("cookie", format!("sessiongate_console={}", c.cookie))
+        .header("origin", "null")
         .header("sec-fetch-site", "same-origin")
         .form(&right)
         .send()
@@ -577,4 +603,125 @@ fn base64_url_decode(s: &str) -> Vec<u8> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(s)
         .unwrap()
+}
+
+// --- in a real browser -----------------------------------------------------------------
+
+/// The Python with Playwright (`SESSIONGATE_TEST_PYTHON`, else the venv
+/// scripts/test creates) and Debian's Chromium: both must be there; a
+/// missing one fails the test with what to run.
+fn browser_tools() -> (std::path::PathBuf, std::path::PathBuf) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("SESSIONGATE_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("var/venv/bin/python"));
+    let chromium = std::env::var_os("SESSIONGATE_TEST_CHROMIUM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/bin/chromium".into());
+    assert!(
+        python.exists(),
+        "no Python with Playwright at {} (SESSIONGATE_TEST_PYTHON): run scripts/test, \
+         which creates var/venv with playwright",
+        python.display()
+    );
+    assert!(
+        chromium.exists(),
+        "no Chromium at {} (SESSIONGATE_TEST_CHROMIUM): run scripts/test, which installs \
+         Debian's chromium package",
+        chromium.display()
+    );
+    (python, chromium)
+}
+
+/// Where the screenshots go: `<target dir>/browser-artifacts/console`.
+fn artifacts_dir() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let dir = target.join("browser-artifacts").join("console");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the artefacts directory");
+    dir
+}
+
+/// tests/browser/console.py in headless Chromium: sign in (a wrong key
+/// first), live counters, find a user, revoke a device and see its token
+/// refused, a form without its CSRF token refused, key rotation, logout-all
+/// through the typed confirmation, a phone-sized screen, sign-out, and the
+/// same actions with JavaScript off. Screenshots under
+/// target/browser-artifacts/console/.
+#[tokio::test]
+async fn browser_the_console_works_in_headless_chromium() {
+    let (python, chromium) = browser_tools();
+    let app = spawn_app().await;
+    let victim = app
+        .create_body(json!({"user_id": "erin", "device_id": "iphone",
+            "metadata": {"ip": "198.51.100.23",
+                "user_agent": "Mozilla/5.0 (iPhone) Mobile Safari/604.1"}}))
+        .await;
+    let kept = app
+        .create_body(json!({"user_id": "erin", "device_id": "work-laptop",
+            "metadata": {"ip": "203.0.113.9", "user_agent": "Mozilla/5.0 (X11) Firefox/140.0",
+                "label": "work laptop"}}))
+        .await;
+    let nojs = app.create("frank", "desktop").await;
+    let artifacts = artifacts_dir();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/console.py");
+
+    let mut command = tokio::process::Command::new(&python);
+    command
+        .arg(&script)
+        .env("CONSOLE_URL", &app.address)
+        .env("ADMIN_KEY", ADMIN_KEY)
+        .env("CHROMIUM", &chromium)
+        .env("ARTIFACTS", &artifacts)
+        .env("USER_ID", "erin")
+        .env("VICTIM_SID", &victim.session_id)
+        .env("VICTIM_TOKEN", &victim.token)
+        .env("KEPT_SID", &kept.session_id)
+        .env("KEPT_TOKEN", &kept.token)
+        .env("NOJS_USER", "frank")
+        .env("NOJS_TOKEN", &nojs.token)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(240), command.output())
+        .await
+        .expect("the browser test finishes within 240 s")
+        .expect("run the browser test script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "console.py failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    for step in [
+        "OK wrong admin key refused",
+        "OK signed in",
+        "OK counters update without a reload",
+        "OK found the user",
+        "OK revoked a device; its token is refused",
+        "OK session detail",
+        "OK missing CSRF token refused",
+        "OK rotated the signing key",
+        "OK logout-all through the confirmation",
+        "OK fits a phone screen",
+        "OK signed out",
+        "OK works without JavaScript",
+        "OK no console errors or CSP violations",
+    ] {
+        assert!(stdout.lines().any(|l| l == step), "{step:?} in:\n{stdout}");
+    }
+    // What the browser did holds for the service: every token is refused.
+    for token in [&victim.token, &kept.token, &nojs.token] {
+        assert_eq!(app.verify_status(token).await, StatusCode::UNAUTHORIZED);
+    }
+    let shots = stdout
+        .lines()
+        .filter(|l| l.starts_with("SCREENSHOT "))
+        .count();
+    assert_eq!(shots, 12, "{stdout}");
+    for line in stdout.lines().filter_map(|l| l.strip_prefix("SCREENSHOT ")) {
+        let size = std::fs::metadata(line).map(|m| m.len()).unwrap_or(0);
+        assert!(size > 1000, "{line}: {size} bytes");
+    }
 }
