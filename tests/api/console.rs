@@ -605,6 +605,44 @@ fn base64_url_decode(s: &str) -> Vec<u8> {
         .unwrap()
 }
 
+/// Redis down: the pages that need it answer 503 (with Retry-After) within
+/// the timeout, the overview says Redis is not ready, nothing hangs.
+#[tokio::test]
+async fn with_redis_down_the_console_answers_503_and_shows_redis_not_ready() {
+    let app = spawn_app().await;
+    let s = app.create("gina", "laptop").await;
+    let c = sign_in(&app).await;
+    app.redis.as_ref().unwrap().lock().unwrap().kill9();
+
+    let res = c.get(&app, "/admin/users?user_id=gina").await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.headers().contains_key("retry-after"));
+    assert_security_headers(&res, "503 page");
+    assert!(res.text().await.unwrap().contains("unavailable"));
+    let res = c
+        .post(
+            &app,
+            "/admin/users/sign-out",
+            &[
+                ("csrf", &c.csrf),
+                ("user_id", "gina"),
+                ("action", "session"),
+                ("session_id", &s.session_id),
+            ],
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let counters: Value = c
+        .get(&app, "/admin/counters.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(counters["redis"]["ready"], false, "{counters}");
+    let html = c.get(&app, "/admin/").await.text().await.unwrap();
+    assert!(html.contains("not ready"), "{html}");
+}
+
 // --- in a real browser -----------------------------------------------------------------
 
 /// The Python with Playwright (`SESSIONGATE_TEST_PYTHON`, else the venv
