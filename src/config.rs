@@ -131,6 +131,7 @@ pub struct Settings {
     pub reauth_after: Duration,
     pub max_sessions_per_user: u32,
     pub touch_interval: Duration,
+    pub console_session_ttl: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -454,6 +455,13 @@ impl Layers {
             reauth_after: positive("reauth_after")?,
             max_sessions_per_user: self.integer("max_sessions_per_user", 1, 10_000)? as u32,
             touch_interval: positive("touch_interval")?,
+            console_session_ttl: {
+                let ttl = positive("console_session_ttl")?;
+                if ttl > Duration::from_secs(86_400) {
+                    return Err(self.err("console_session_ttl", "must be at most 24h"));
+                }
+                ttl
+            },
             log_level: self.string("log_level")?,
             log_format,
         };
@@ -516,6 +524,11 @@ pub const NON_SETTING_ENV: &[&str] = &[
     "SESSIONGATE_DEV_REDIS_PORT",
     // tests/api/redis_server.rs: the redis.conf the tests' servers run.
     "SESSIONGATE_REDIS_CONF",
+    // scripts/test and tests/api/console.rs: the browser tests' Python venv,
+    // its interpreter and the Chromium it drives.
+    "SESSIONGATE_TEST_VENV",
+    "SESSIONGATE_TEST_PYTHON",
+    "SESSIONGATE_TEST_CHROMIUM",
 ];
 
 /// Variables of API v1.1 (`API.md`, "Additions"). Any of them that is not a

@@ -19,8 +19,10 @@
 //! - [`session`]: `SessionService`, every use case.
 //! - [`store`]: Redis: key schema, Lua scripts, connections.
 //! - [`http`]: routes, extractors, handlers, the OpenAPI document.
+//! - [`console`]: the admin console pages under `/admin/`.
 
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod error;
 pub mod http;

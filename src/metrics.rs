@@ -139,6 +139,22 @@ impl Metrics {
         self.sessions_revoked.with_label_values(&[how]).inc_by(n);
     }
 
+    /// Verify answers so far, by `result` label (for the admin console).
+    pub fn verify_counts(&self) -> [(&'static str, u64); 6] {
+        VerifyOutcome::ALL.map(|o| (o.label(), self.verify[o as usize].get()))
+    }
+
+    /// Sessions revoked so far, all ways together (for the admin console).
+    pub fn revoked_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.sessions_revoked
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();

@@ -111,6 +111,7 @@ impl Application {
                 settings.api_key_failure_limit,
                 settings.api_key_failure_window,
             ),
+            console: crate::console::Console::new(&settings),
         });
         let body_limit = settings.body_limit;
         let max_header_bytes = settings.max_header_bytes;

@@ -30,6 +30,7 @@ pub struct AppState {
     pub cookie_name: String,
     pub origin: origin::OriginPolicy,
     pub key_failures: extract::KeyFailures,
+    pub console: crate::console::Console,
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.
@@ -216,6 +217,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
             .route(web::head().to(health::metrics))
             .default_service(not_allowed("GET, HEAD")),
     )
+    // The admin console's pages (own error pages and security headers).
+    .service(crate::console::scope())
     .service(
         web::resource("/openapi.json")
             .route(web::get().to(health::openapi))

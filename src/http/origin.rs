@@ -32,7 +32,8 @@ pub struct OriginPolicy {
 }
 
 impl OriginPolicy {
-    fn trusted(&self, req: &HttpRequest) -> bool {
+    /// Whether the peer is one of `trusted_proxies`.
+    pub fn trusted(&self, req: &HttpRequest) -> bool {
         !self.trusted_proxies.is_empty()
             && req
                 .peer_addr()

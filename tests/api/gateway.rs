@@ -49,6 +49,7 @@ on_every_gateway!(
     sessiongate_down_gives_5xx_and_never_app_content,
     a_cookie_token_works_and_cross_site_unsafe_requests_are_refused,
     admin_and_key_endpoints_are_unreachable_through_the_gateway,
+    the_admin_console_is_unreachable_through_the_gateway,
 );
 
 /// sessiongate (on its own Redis), the echoing app, and a gateway between
@@ -630,6 +631,55 @@ async fn admin_and_key_endpoints_are_unreachable_through_the_gateway(kind: Kind)
         st.app.verify_status(&s.token).await,
         StatusCode::UNAUTHORIZED
     );
+}
+
+/// sessiongate's console (`/admin/`) is for the private network: the
+/// gateway answers 404 for every spelling, even to a caller with a live
+/// session and an admin key, and passes nothing to sessiongate or the app.
+async fn the_admin_console_is_unreachable_through_the_gateway(kind: Kind) {
+    let st = Stack::start(kind).await;
+    let s = st.app.create("ivan", "laptop").await;
+    let token = format!("Authorization: Bearer {}", s.token);
+    let targets = [
+        ("GET", "/admin/"),
+        ("GET", "/admin"),
+        ("GET", "/admin/login"),
+        ("POST", "/admin/login"),
+        ("POST", "/admin/logout-all"),
+        ("GET", "/admin/counters.json"),
+        ("GET", "/admin/static/console.js"),
+        ("GET", "/ADMIN/"),
+        ("GET", "/Admin/login"),
+        ("GET", "//admin/"),
+        ("GET", "/%61dmin/"),
+        ("GET", "/x/../admin/"),
+        ("GET", "/x/%2e%2e/admin/"),
+        ("GET", "/admin/?user_id=ivan"),
+    ];
+    for (method, target) in targets {
+        for auth in [
+            token.as_str(),
+            &format!("Authorization: Bearer {ADMIN_KEY}"),
+        ] {
+            let res = raw_request(st.gateway.port, method, target, &[auth]).await;
+            assert_eq!(res.status, 404, "{method} {target}: {res:?}");
+            assert!(
+                !res.body.contains("sessiongate console"),
+                "{method} {target}: {res:?}"
+            );
+            assert!(!res.body.contains(r#""from":"app""#), "{method} {target}");
+        }
+    }
+    assert_eq!(st.upstream.hits(), 0);
+    // (The console itself is up, on sessiongate's own listener.)
+    let res = st
+        .app
+        .request(Method::GET, "/admin/login")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.text().await.unwrap().contains("sessiongate console"));
 }
 
 // --- sessiongate directly ------------------------------------------------------

@@ -9,6 +9,7 @@ mod admin;
 mod chaos;
 mod cli;
 mod cluster;
+mod console;
 mod fault_proxy;
 mod faults;
 mod gateway;
