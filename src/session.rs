@@ -106,6 +106,8 @@ pub struct SessionService {
     /// purge at a time, which finishes with the latest cutoff.
     purge_target: std::sync::atomic::AtomicI64,
     purge_running: std::sync::atomic::AtomicBool,
+    /// `logout_all_purge_delay`: how long a purge waits before it starts.
+    purge_delay: Duration,
 }
 
 impl SessionService {
@@ -137,6 +139,7 @@ impl SessionService {
             metrics,
             purge_target: std::sync::atomic::AtomicI64::new(0),
             purge_running: std::sync::atomic::AtomicBool::new(false),
+            purge_delay: settings.logout_all_purge_delay,
         }
     }
 
@@ -357,6 +360,11 @@ impl SessionService {
     async fn purge_loop(self: Arc<Self>) {
         let mut done = 0;
         loop {
+            if !self.purge_delay.is_zero() && self.purge_target.load(Ordering::SeqCst) > done {
+                // Held back (`logout_all_purge_delay`); the cutoff already
+                // refuses these sessions on every instance.
+                tokio::time::sleep(self.purge_delay).await;
+            }
             let target = self.purge_target.load(Ordering::SeqCst);
             if target <= done {
                 self.purge_running.store(false, Ordering::SeqCst);

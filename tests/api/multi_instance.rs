@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_on};
+use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_on, spawn_app_with};
 
 async fn pair() -> (TestApp, TestApp) {
     let a = spawn_app().await;
@@ -43,37 +43,143 @@ async fn force_logout_of_a_user_is_refused_at_once_on_the_other() {
     assert_eq!(b.verify_status(&s2.token).await, StatusCode::UNAUTHORIZED);
 }
 
-#[tokio::test]
-async fn logout_all_reaches_the_other_instance_within_a_second() {
-    let (a, b) = pair().await;
-    let s = b.create("carol", "laptop").await;
-    assert_eq!(b.verify_status(&s.token).await, StatusCode::OK);
-    let started = Instant::now();
+/// Number of keys in Redis (each test owns its Redis): one hash per user
+/// plus the global state.
+fn keys_in_redis(app: &TestApp) -> String {
+    app.redis_cmd(&["DBSIZE"])
+}
+
+/// Subscribers of the events channel.
+fn event_subscribers(app: &TestApp) -> String {
+    app.redis_cmd(&["PUBSUB", "NUMSUB", "sg:events"])
+}
+
+/// A logout-all on A; B must refuse every pre-cutoff token within 1 s of
+/// the acknowledgement, by the cutoff alone. The purge is held back on both
+/// (`LOGOUT_ALL_PURGE_DELAY`), so each record is still in Redis when B
+/// refuses its token: B's refusing script is what deletes it (verify drops
+/// a record it finds dead), which shows B sent the new cutoff; a refusal of
+/// a missing record would leave the key count unchanged. Measured from the
+/// acknowledgement to the sending of each token's first refused request
+/// (the cutoff only rises, so a token refused once stays refused); polled
+/// with a generous deadline.
+async fn cutoff_alone_reaches(a: &TestApp, b: &TestApp) {
+    let mut sessions = Vec::new();
+    for i in 0..5 {
+        sessions.push(b.create(&format!("carol-{i}"), "laptop").await);
+    }
+    for s in &sessions {
+        assert_eq!(b.verify_status(&s.token).await, StatusCode::OK);
+    }
+    // One hash per user, plus the global state.
+    assert_eq!(keys_in_redis(a), ":6\r\n");
     assert_eq!(a.logout_all().await.status(), StatusCode::OK);
-    // At once on the instance that served it.
-    assert_eq!(a.verify_status(&s.token).await, StatusCode::UNAUTHORIZED);
-    let took = eventually(Duration::from_secs(1), || async {
-        b.verify_status(&s.token).await == StatusCode::UNAUTHORIZED
-    })
-    .await;
-    assert!(started.elapsed() < Duration::from_secs(1), "took {took:?}");
+    let acked = Instant::now();
+    let mut latest = Duration::ZERO;
+    for (i, s) in sessions.iter().enumerate() {
+        assert_eq!(
+            keys_in_redis(a),
+            format!(":{}\r\n", 6 - i),
+            "a record went before B refused its token (purge not held back?)"
+        );
+        loop {
+            let sent = acked.elapsed();
+            let status = b.verify_status(&s.token).await;
+            if status == StatusCode::UNAUTHORIZED {
+                latest = latest.max(sent);
+                break;
+            }
+            assert_eq!(status, StatusCode::OK, "B answered {status}");
+            assert!(
+                acked.elapsed() < Duration::from_secs(30),
+                "B still accepts a pre-cutoff token 30 s after the logout-all"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            keys_in_redis(a),
+            format!(":{}\r\n", 5 - i),
+            "B's refusal did not find the record dead by the cutoff"
+        );
+    }
+    assert!(
+        latest <= Duration::from_secs(1),
+        "B accepted a pre-cutoff token {latest:?} after the logout-all was acknowledged"
+    );
     // New logins work on both.
-    let fresh = b.create("carol", "laptop").await;
+    let fresh = b.create("carol-0", "laptop").await;
     assert_eq!(a.verify_status(&fresh.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn logout_all_reaches_the_other_instance_without_pubsub() {
-    let (a, b) = pair().await;
-    let s = b.create("dan", "laptop").await;
-    // Cut every pub/sub connection: only the periodic re-read is left (the
-    // listener reconnects after a while, but not within this test's window).
-    a.redis_cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
-    assert_eq!(a.logout_all().await.status(), StatusCode::OK);
-    eventually(Duration::from_secs(1), || async {
-        b.verify_status(&s.token).await == StatusCode::UNAUTHORIZED
+/// The pub/sub path alone: B's periodic re-read is 30 s away, so only the
+/// event pushed by A can carry the cutoff within the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_all_reaches_the_other_instance_by_pubsub_within_a_second() {
+    let a = spawn_app_with(&[("LOGOUT_ALL_PURGE_DELAY", "1h")]).await;
+    let b = spawn_app_on(
+        &a.redis_url,
+        &[
+            ("LOGOUT_ALL_PURGE_DELAY", "1h"),
+            ("STATE_REFRESH_INTERVAL", "30s"),
+            ("STATE_MAX_STALENESS", "60s"),
+        ],
+    )
+    .await;
+    // Both listeners subscribed before the logout-all.
+    eventually(Duration::from_secs(10), || async {
+        event_subscribers(&a).ends_with(":2\r\n")
     })
     .await;
+    cutoff_alone_reaches(&a, &b).await;
+}
+
+/// The periodic re-read alone: B connects as a Redis user that may not
+/// SUBSCRIBE, so it never hears an event; its re-read every 200 ms must
+/// carry the cutoff within the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_all_reaches_the_other_instance_without_pubsub() {
+    let a = spawn_app_with(&[("LOGOUT_ALL_PURGE_DELAY", "1h")]).await;
+    let acl = a.redis_cmd(&[
+        "ACL",
+        "SETUSER",
+        "nosub",
+        "on",
+        ">nosub-password-0123456789",
+        "~*",
+        "&*",
+        "+@all",
+        "-subscribe",
+        "-psubscribe",
+        "-ssubscribe",
+    ]);
+    assert_eq!(acl, "+OK\r\n");
+    let url = a
+        .redis_url
+        .replace("redis://", "redis://nosub:nosub-password-0123456789@");
+    let b = spawn_app_on(
+        &url,
+        &[
+            ("LOGOUT_ALL_PURGE_DELAY", "1h"),
+            ("STATE_REFRESH_INTERVAL", "200ms"),
+            ("STATE_MAX_STALENESS", "1s"),
+        ],
+    )
+    .await;
+    // B tried to subscribe and was refused; A is the only subscriber.
+    eventually(Duration::from_secs(10), || async {
+        let refused = a
+            .redis_cmd(&["INFO", "commandstats"])
+            .lines()
+            .find(|l| l.starts_with("cmdstat_subscribe:"))
+            .and_then(|l| {
+                l.split(',')
+                    .find_map(|kv| kv.strip_prefix("rejected_calls="))
+            })
+            .is_some_and(|n| n.trim().parse::<u64>().unwrap_or(0) > 0);
+        refused && event_subscribers(&a).ends_with(":1\r\n")
+    })
+    .await;
+    cutoff_alone_reaches(&a, &b).await;
 }
 
 #[tokio::test]
