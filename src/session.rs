@@ -276,6 +276,9 @@ impl SessionService {
         if let (true, Some(max_age)) = (live.reauth_needed, limit_s) {
             return Err(ServiceError::InsufficientAuth { max_age });
         }
+        // The call may have taken up to `redis_timeout`: the cutoff it was
+        // judged by must still be within `state_max_staleness` now.
+        self.global.still_valid(&state)?;
         Ok(ActiveSession {
             token: verified,
             record: live.record,

@@ -5,7 +5,9 @@
 //!
 //! Fail closed: when the copy is older than `state_max_staleness` (Redis
 //! unreachable, refresher stuck), `snapshot` refuses and verify answers 503;
-//! it never carries on as if there were no cutoff. When the state is missing
+//! it never carries on as if there were no cutoff. A verify checks the age
+//! of the copy it used again after its Redis call answered (`still_valid`),
+//! so a slow call cannot stretch the bound. When the state is missing
 //! from Redis (first start, or Redis lost its data) it is initialised with a
 //! new key id and a cutoff of "now", so nothing issued before is accepted.
 
@@ -46,9 +48,9 @@ impl Global {
             wake: Notify::new(),
             secret,
             alg,
-            // The copy's age is measured from when its read was sent; a
-            // verify acting on it is at most this plus its own Redis call
-            // behind Redis.
+            // The copy's age is measured from when its read was sent, and
+            // checked again once a verify's own Redis call has answered
+            // (`still_valid`), so that call is inside the bound.
             max_age: max_staleness,
         }
     }
@@ -59,6 +61,23 @@ impl Global {
             Some(state) if state.fetched_at.elapsed() <= self.max_age => Ok(state),
             Some(_) => Err(StoreError::Timeout(self.max_age)),
             None => Err(StoreError::Connection("global state not loaded yet".into())),
+        }
+    }
+
+    /// Whether an answer computed with the copy `used` may still be given
+    /// now: `used` is still within `state_max_staleness`, or the current
+    /// copy is and holds the same cutoff. A verify checks this after its
+    /// Redis call, so the call's own duration (up to `redis_timeout`)
+    /// counts against the bound: a session created before a logout-all is
+    /// never confirmed later than `state_max_staleness` after it, even when
+    /// the refresher fails and the request connections do not.
+    pub fn still_valid(&self, used: &GlobalState) -> Result<(), StoreError> {
+        if used.fetched_at.elapsed() <= self.max_age {
+            return Ok(());
+        }
+        match self.snapshot() {
+            Ok(current) if current.cutoff_ms == used.cutoff_ms => Ok(()),
+            _ => Err(StoreError::Timeout(self.max_age)),
         }
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 
+use crate::fault_proxy::FaultProxy;
 use crate::helpers::{TestApp, assert_error, eventually, spawn_app_on, spawn_app_with};
 
 /// `sessiongate_global_state_age_seconds` from `/metrics`.
@@ -100,4 +101,80 @@ async fn verify_fails_closed_once_the_cached_state_is_stale_and_recovers() {
     })
     .await;
     assert!(state_age(&app).await < 1.0);
+}
+
+/// The bound includes the verify's own Redis call. B's refresher fails
+/// (HMGET denied to its Redis user) while its request connections work, but
+/// slowly: every reply to B comes 4 s late, longer than B's 3 s staleness
+/// bound and shorter than its 6 s Redis timeout. A logs everyone out (purge
+/// held back, so the records stay and B's old cutoff would find them alive).
+/// Every verify sent to B after the acknowledgement could only be confirmed
+/// more than 4 s later, past the bound: none may answer 200. Before the fix
+/// those whose copy was still fresh when sent answered 200, 4 s after the
+/// logout-all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pre_cutoff_token_is_never_confirmed_past_the_bound_even_by_a_slow_call() {
+    let a = spawn_app_with(&[("LOGOUT_ALL_PURGE_DELAY", "1h")]).await;
+    let port: u16 = a
+        .redis_url
+        .trim_start_matches("redis://127.0.0.1:")
+        .trim_end_matches("/0")
+        .parse()
+        .unwrap();
+    a.redis_cmd(&[
+        "ACL",
+        "SETUSER",
+        "slow",
+        "on",
+        ">slow-password-0123456789",
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    let proxy = FaultProxy::for_port(port).await;
+    let b = spawn_app_on(
+        &format!("redis://slow:slow-password-0123456789@{}/0", proxy.addr()),
+        &[
+            ("LOGOUT_ALL_PURGE_DELAY", "1h"),
+            ("REDIS_TIMEOUT", "6s"),
+            ("STATE_REFRESH_INTERVAL", "250ms"),
+            ("STATE_MAX_STALENESS", "3s"),
+        ],
+    )
+    .await;
+    let b = std::sync::Arc::new(b);
+    let s = b.create("alice", "laptop").await;
+    assert_eq!(b.verify_status(&s.token).await, StatusCode::OK);
+
+    assert_eq!(
+        a.redis_cmd(&["ACL", "SETUSER", "slow", "-hmget"]),
+        "+OK\r\n"
+    );
+    proxy.delay(Duration::from_secs(4));
+    assert_eq!(a.logout_all().await.status(), StatusCode::OK);
+    let mut verifies = Vec::new();
+    for _ in 0..10 {
+        let b = b.clone();
+        let token = s.token.clone();
+        verifies.push(tokio::spawn(async move { b.verify_status(&token).await }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for v in verifies {
+        let status = v.await.unwrap();
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a verify sent after the logout-all was answered {status}"
+        );
+    }
+    // The record was there all along (B's old cutoff found it alive).
+    assert_eq!(a.redis_cmd(&["DBSIZE"]), ":2\r\n");
+
+    // Healed: B learns the cutoff and refuses the token.
+    proxy.heal();
+    a.redis_cmd(&["ACL", "SETUSER", "slow", "+hmget"]);
+    eventually(Duration::from_secs(30), || async {
+        b.verify_status(&s.token).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
 }
