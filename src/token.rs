@@ -176,39 +176,92 @@ struct StrictHeader {
     kid: String,
 }
 
-type Entries = HashMap<Box<str>, Arc<VerifiedToken>>;
+type Entries<V> = HashMap<Box<str>, V>;
 
 /// A bounded map that keeps what is in use: entries go into `young`; when it
 /// holds `capacity` entries it becomes `old` (the previous `old` is
-/// dropped). A hit in `old` moves the entry back to `young`. So at least the
+/// retired). A hit in `old` moves the entry back to `young`. So at least the
 /// last `capacity` distinct tokens stay, at most twice that is held, there
 /// is no full-cache miss storm, and tokens in steady use stay.
-#[derive(Default)]
-struct TwoGenerations {
-    young: Entries,
-    old: Entries,
+///
+/// A retired generation is handed back to the caller rather than dropped
+/// here, so its up to `capacity` entries are freed outside the lock.
+struct TwoGenerations<V> {
+    young: Entries<V>,
+    old: Entries<V>,
 }
 
-impl TwoGenerations {
-    fn get(&mut self, token: &str, capacity: usize) -> Option<Arc<VerifiedToken>> {
-        if let Some(hit) = self.young.get(token) {
-            return Some(hit.clone());
+impl<V: Clone> TwoGenerations<V> {
+    fn new() -> Self {
+        TwoGenerations {
+            young: HashMap::new(),
+            old: HashMap::new(),
         }
-        let (key, hit) = self.old.remove_entry(token)?;
-        self.insert(key, hit.clone(), capacity);
-        Some(hit)
     }
 
-    fn insert(&mut self, token: Box<str>, verified: Arc<VerifiedToken>, capacity: usize) {
-        if self.young.len() >= capacity {
-            self.old = std::mem::take(&mut self.young);
+    fn get(&mut self, token: &str, capacity: usize) -> (Option<V>, Option<Entries<V>>) {
+        if let Some(hit) = self.young.get(token) {
+            return (Some(hit.clone()), None);
         }
-        self.young.insert(token, verified);
+        let Some((key, hit)) = self.old.remove_entry(token) else {
+            return (None, None);
+        };
+        let retired = self.insert(key, hit.clone(), capacity);
+        (Some(hit), retired)
+    }
+
+    #[must_use = "the retired generation is to be dropped outside the lock"]
+    fn insert(&mut self, token: Box<str>, value: V, capacity: usize) -> Option<Entries<V>> {
+        let retired = if self.young.len() >= capacity {
+            Some(std::mem::replace(
+                &mut self.old,
+                std::mem::take(&mut self.young),
+            ))
+        } else {
+            None
+        };
+        self.young.insert(token, value);
+        retired
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
         self.young.len() + self.old.len()
+    }
+}
+
+/// [`TwoGenerations`] behind its lock. The lock is held only to move maps
+/// around; a retired generation is dropped after the lock is released, so
+/// freeing thousands of entries never stalls other verifies.
+struct GenerationCache<V> {
+    inner: Mutex<TwoGenerations<V>>,
+    capacity: usize,
+}
+
+impl<V: Clone> GenerationCache<V> {
+    fn new(capacity: usize) -> Self {
+        GenerationCache {
+            inner: Mutex::new(TwoGenerations::new()),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TwoGenerations<V>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get(&self, token: &str) -> Option<V> {
+        // The guard is a temporary: released at the end of this statement.
+        let (hit, retired) = self.lock().get(token, self.capacity);
+        drop(retired);
+        hit
+    }
+
+    fn insert(&self, token: Box<str>, value: V) {
+        let retired = self.lock().insert(token, value, self.capacity);
+        drop(retired);
     }
 }
 
@@ -226,7 +279,7 @@ pub struct TokenCodec {
     leeway_s: u64,
     max_bytes: usize,
     validation: Validation,
-    cache: Mutex<TwoGenerations>,
+    cache: GenerationCache<Arc<VerifiedToken>>,
     cache_capacity: usize,
     max_lifetime_s: Option<u64>,
 }
@@ -266,7 +319,7 @@ impl TokenCodec {
             leeway_s,
             max_bytes,
             validation,
-            cache: Mutex::new(TwoGenerations::default()),
+            cache: GenerationCache::new(cache_capacity),
             cache_capacity,
             max_lifetime_s: None,
         }
@@ -305,8 +358,7 @@ impl TokenCodec {
         if self.cache_capacity == 0 {
             return self.verify_uncached(ring, token, now_ms).map(Arc::new);
         }
-        let cached = self.lock_cache().get(token, self.cache_capacity);
-        if let Some(hit) = cached {
+        if let Some(hit) = self.cache.get(token) {
             ring.get(&hit.kid, now_ms).ok_or(TokenError::UnknownKey)?;
             if hit.exp.saturating_add(self.leeway_s) < (now_ms / 1000).max(0) as u64 {
                 return Err(TokenError::Expired);
@@ -314,15 +366,13 @@ impl TokenCodec {
             return Ok(hit);
         }
         let verified = Arc::new(self.verify_uncached(ring, token, now_ms)?);
-        self.lock_cache()
-            .insert(token.into(), verified.clone(), self.cache_capacity);
+        self.cache.insert(token.into(), verified.clone());
         Ok(verified)
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, TwoGenerations> {
-        self.cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    #[cfg(test)]
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, TwoGenerations<Arc<VerifiedToken>>> {
+        self.cache.lock()
     }
 
     fn verify_uncached(
@@ -555,6 +605,55 @@ mod tests {
             assert!(
                 cache.young.contains_key(hot.as_str()) || cache.old.contains_key(hot.as_str()),
                 "the hot token was evicted at {i}"
+            );
+        }
+    }
+
+    mod freed_outside_the_lock {
+        use super::super::GenerationCache;
+        use std::sync::LazyLock;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        static CACHE: LazyLock<GenerationCache<Probe>> = LazyLock::new(|| GenerationCache::new(2));
+        static DROPPED: AtomicUsize = AtomicUsize::new(0);
+        static DROPPED_UNDER_LOCK: AtomicUsize = AtomicUsize::new(0);
+
+        /// Records, when dropped, whether the cache's lock was held.
+        #[derive(Clone)]
+        struct Probe;
+
+        impl Drop for Probe {
+            fn drop(&mut self) {
+                DROPPED.fetch_add(1, Ordering::SeqCst);
+                if CACHE.inner.try_lock().is_err() {
+                    DROPPED_UNDER_LOCK.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+
+        #[test]
+        fn a_retired_generation_is_freed_outside_the_lock() {
+            // Capacity 2: a, b fill young; c retires nothing (old was
+            // empty); d, then e retires {a, b}.
+            for key in ["a", "b", "c", "d", "e"] {
+                CACHE.insert(key.into(), Probe);
+            }
+            assert_eq!(DROPPED.load(Ordering::SeqCst), 2, "a and b were freed");
+            // A hit in old ({c, d}) moves it to a full young ({e, f}):
+            // young becomes old and {d} is retired.
+            CACHE.insert("f".into(), Probe);
+            let hit = CACHE.get("c");
+            assert!(hit.is_some());
+            drop(hit);
+            assert_eq!(
+                DROPPED.load(Ordering::SeqCst),
+                4,
+                "d and the hit's copy were freed"
+            );
+            assert_eq!(
+                DROPPED_UNDER_LOCK.load(Ordering::SeqCst),
+                0,
+                "entries were freed while the cache was locked"
             );
         }
     }
