@@ -35,6 +35,8 @@ pub struct GlobalState {
 pub struct Global {
     current: ArcSwapOption<GlobalState>,
     wake: Notify,
+    /// One on-demand refresh at a time (`refresh_for_kid`).
+    on_demand: tokio::sync::Mutex<()>,
     secret: Secret,
     alg: Algorithm,
     /// The oldest copy acted upon (`state_max_staleness`).
@@ -46,6 +48,7 @@ impl Global {
         Global {
             current: ArcSwapOption::empty(),
             wake: Notify::new(),
+            on_demand: tokio::sync::Mutex::new(()),
             secret,
             alg,
             // The copy's age is measured from when its read was sent, and
@@ -92,10 +95,18 @@ impl Global {
         let previous = self.current.load_full();
         let parsed = match &previous {
             Some(p) if p.ring_json == record.ring_json => p.ring.clone(),
-            _ => Arc::new(
-                KeyRing::from_json(&record.ring_json, self.secret.expose().as_bytes(), self.alg)
-                    .map_err(StoreError::Protocol)?,
-            ),
+            _ => {
+                let mut ring = KeyRing::from_json(
+                    &record.ring_json,
+                    self.secret.expose().as_bytes(),
+                    self.alg,
+                )
+                .map_err(StoreError::Protocol)?;
+                if let Some(p) = &previous {
+                    ring.inherit_gone(&p.ring);
+                }
+                Arc::new(ring)
+            }
         };
         // Atomic against concurrent applies (the refresher, a logout-all
         // handler). The cutoff only ever rises in Redis, so the cached one
@@ -139,6 +150,33 @@ impl Global {
             }
         };
         self.apply(record, started)
+    }
+
+    /// Re-reads the state for a request that began at `since` and met a
+    /// correctly signed token of `kid`, a kid not in the ring (a rotation
+    /// another instance made, not heard of here yet). Coalesced: while one
+    /// such read is in flight, others wait for it, and none is sent when
+    /// the copy already knows `kid` or was read after `since`.
+    pub async fn refresh_for_kid(
+        &self,
+        store: &Store,
+        kid: &str,
+        since: Instant,
+    ) -> Result<(), StoreError> {
+        let settled = || {
+            self.current
+                .load()
+                .as_ref()
+                .is_some_and(|s| s.fetched_at >= since || s.ring.knows(kid))
+        };
+        if settled() {
+            return Ok(());
+        }
+        let _one_at_a_time = self.on_demand.lock().await;
+        if settled() {
+            return Ok(());
+        }
+        self.refresh(store).await
     }
 
     /// Asks the refresher to re-read now.

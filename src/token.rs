@@ -12,6 +12,12 @@
 //! or retired kid, a bad signature, missing or mistyped claims, `exp` past,
 //! `nbf` or `iat` in the future (with at most 5 s leeway), and ids that do
 //! not match each other (the session id carries its user's tag).
+//!
+//! One case is not a refusal: a well-formed kid this instance has never
+//! seen, with a signature and claims that check out against the key derived
+//! for it, is [`TokenError::UnseenKey`] (a rotation made by another
+//! instance, not read here yet); the caller re-reads the ring once and
+//! retries. A retired kid, or one an earlier ring held, is never that.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -68,6 +74,11 @@ pub enum TokenError {
     Algorithm,
     #[error("unknown or retired key id")]
     UnknownKey,
+    /// Correctly signed with the key derived for a well-formed kid this
+    /// instance has never seen: maybe a rotation another instance made, not
+    /// read here yet. The caller may refresh the ring once and retry.
+    #[error("key id not seen yet")]
+    UnseenKey,
     #[error("signature or claims invalid")]
     Invalid,
     #[error("token expired")]
@@ -91,7 +102,26 @@ pub struct RingKey {
 pub struct KeyRing {
     pub active: String,
     keys: Vec<RingKey>,
+    /// Kids an earlier copy of the ring held and this one no longer does
+    /// (retired and dropped): refused as retired, never looked up again.
+    gone: HashSet<String>,
+    /// For deriving the key of a kid not in the ring (see `UnseenKey`).
+    secret: Box<[u8]>,
+    alg: Algorithm,
 }
+
+/// What the ring says about a kid.
+enum Lookup<'a> {
+    Valid(&'a RingKey),
+    /// Retired, or dropped after retiring: refused, no Redis call.
+    Retired,
+    /// Never seen by this instance.
+    Unseen,
+}
+
+/// Most kids remembered as gone; a ring rotates rarely, so this is never
+/// reached in practice, it only bounds memory.
+const MAX_GONE_KIDS: usize = 4096;
 
 #[derive(Deserialize)]
 struct RingJson {
@@ -129,13 +159,47 @@ impl KeyRing {
         Ok(KeyRing {
             active: parsed.active,
             keys,
+            gone: HashSet::new(),
+            secret: secret.into(),
+            alg,
         })
     }
 
-    fn get(&self, kid: &str, now_ms: i64) -> Option<&RingKey> {
-        self.keys
+    /// Remembers as gone every kid `previous` knew that this ring does not.
+    pub fn inherit_gone(&mut self, previous: &KeyRing) {
+        let dropped = previous
+            .keys
             .iter()
-            .find(|k| k.kid == kid && k.retire_at_ms.is_none_or(|t| t > now_ms))
+            .map(|k| &k.kid)
+            .chain(previous.gone.iter())
+            .filter(|kid| !self.keys.iter().any(|k| &k.kid == *kid));
+        for kid in dropped {
+            if self.gone.len() >= MAX_GONE_KIDS {
+                break;
+            }
+            self.gone.insert(kid.clone());
+        }
+    }
+
+    /// Whether this instance has seen `kid` (valid, retired or dropped).
+    pub fn knows(&self, kid: &str) -> bool {
+        self.gone.contains(kid) || self.keys.iter().any(|k| k.kid == kid)
+    }
+
+    fn lookup(&self, kid: &str, now_ms: i64) -> Lookup<'_> {
+        match self.keys.iter().find(|k| k.kid == kid) {
+            Some(k) if k.retire_at_ms.is_none_or(|t| t > now_ms) => Lookup::Valid(k),
+            Some(_) => Lookup::Retired,
+            None if self.gone.contains(kid) => Lookup::Retired,
+            None => Lookup::Unseen,
+        }
+    }
+
+    fn get(&self, kid: &str, now_ms: i64) -> Option<&RingKey> {
+        match self.lookup(kid, now_ms) {
+            Lookup::Valid(k) => Some(k),
+            _ => None,
+        }
     }
 
     fn active_key(&self) -> &RingKey {
@@ -144,6 +208,22 @@ impl KeyRing {
             .find(|k| k.kid == self.active)
             .expect("checked in from_json")
     }
+}
+
+/// Whether `kid` has the shape [`new_kid`] gives (16 base64url characters):
+/// only such kids are worth deriving a key for when unseen.
+fn well_formed_kid(kid: &str) -> bool {
+    kid.len() == 16
+        && kid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The `kid` of a token's header, if it has one (no other check).
+pub fn kid_of(token: &str) -> Option<String> {
+    let header = URL_SAFE_NO_PAD.decode(token.split('.').next()?).ok()?;
+    let header: StrictHeader = serde_json::from_slice(&header).ok()?;
+    Some(header.kid)
 }
 
 /// A new random key id.
@@ -398,16 +478,27 @@ impl TokenCodec {
         if header.typ.as_deref().is_some_and(|t| t != "JWT") {
             return Err(TokenError::Header);
         }
-        let key = ring
-            .get(&header.kid, now_ms)
-            .ok_or(TokenError::UnknownKey)?;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation).map_err(
-            |e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
-                jsonwebtoken::errors::ErrorKind::ImmatureSignature => TokenError::NotYetValid,
-                _ => TokenError::Invalid,
-            },
-        )?;
+        let derived;
+        let (key, unseen) = match ring.lookup(&header.kid, now_ms) {
+            Lookup::Valid(k) => (&k.decoding, false),
+            // Only a kid of our shape, and only after its signature and
+            // every claim check out against the key derived for it, is
+            // reported as unseen (worth a refresh): garbage never is.
+            Lookup::Unseen if well_formed_kid(&header.kid) => {
+                derived =
+                    DecodingKey::from_secret(&derive_key(&ring.secret, &header.kid, ring.alg));
+                (&derived, true)
+            }
+            Lookup::Unseen | Lookup::Retired => return Err(TokenError::UnknownKey),
+        };
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                    jsonwebtoken::errors::ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                    _ => TokenError::Invalid,
+                }
+            })?;
         let claims = data.claims;
         let now_s = (now_ms / 1000).max(0) as u64;
         if claims.iat > now_s.saturating_add(self.leeway_s) {
@@ -437,6 +528,9 @@ impl TokenCodec {
             value(session.as_str())?,
             value(device.as_str())?,
         ];
+        if unseen {
+            return Err(TokenError::UnseenKey);
+        }
         Ok(VerifiedToken {
             identity_headers,
             user,
@@ -656,6 +750,53 @@ mod tests {
                 "entries were freed while the cache was locked"
             );
         }
+    }
+
+    #[test]
+    fn an_unseen_well_formed_kid_is_reported_only_when_its_signature_holds() {
+        let codec = TokenCodec::with_cache(Algorithm::HS256, "sessiongate", 5, 4096, 8);
+        let now = now_ms();
+        let ring = ring();
+        let elsewhere = |kid: &str| {
+            KeyRing::from_json(
+                &format!(r#"{{"active":"{kid}","keys":[{{"kid":"{kid}","retire_at":0}}]}}"#),
+                SECRET,
+                Algorithm::HS256,
+            )
+            .unwrap()
+        };
+        let token = codec.sign(&elsewhere("abcdefghijklmnop"), &claims(now as u64 / 1000));
+        assert_eq!(
+            codec.verify(&ring, &token, now).unwrap_err(),
+            TokenError::UnseenKey
+        );
+        // Not cached as valid: still unseen.
+        assert_eq!(
+            codec.verify(&ring, &token, now).unwrap_err(),
+            TokenError::UnseenKey
+        );
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(
+            codec.verify(&ring, &tampered, now).unwrap_err(),
+            TokenError::Invalid
+        );
+        // A kid not of our shape is never worth a refresh.
+        let odd = codec.sign(&elsewhere("short"), &claims(now as u64 / 1000));
+        assert_eq!(
+            codec.verify(&ring, &odd, now).unwrap_err(),
+            TokenError::UnknownKey
+        );
+        // A kid an earlier ring held is gone, not unseen.
+        let mut newer = elsewhere("qrstuvwxyz012345");
+        newer.inherit_gone(&ring);
+        let k2 = codec.sign(&ring, &claims(now as u64 / 1000));
+        assert_eq!(
+            codec.verify(&newer, &k2, now).unwrap_err(),
+            TokenError::UnknownKey
+        );
+        assert!(newer.knows("k1") && newer.knows("k2") && !newer.knows("abcdefghijklmnop"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::StatusCode;
 use serde_json::Value;
 
+use crate::fault_proxy::FaultProxy;
 use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_on, spawn_app_with};
 
 async fn pair() -> (TestApp, TestApp) {
@@ -255,4 +256,124 @@ async fn concurrent_verifiers_never_pass_after_an_acknowledged_logout() {
     }
     assert!(before_ok > 0, "the verifiers never saw the live session");
     assert!(after > 0, "no request was sent after the logout");
+}
+
+/// Calls of `HMGET` (the global state read) Redis served so far.
+fn state_reads(app: &TestApp) -> u64 {
+    app.command_counts().get("hmget").copied().unwrap_or(0)
+}
+
+/// Rotates on `app` and waits for the read its own event wakes there.
+async fn rotate_and_settle(app: &TestApp) -> String {
+    let reads = state_reads(app);
+    let res = app.rotate_keys().await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let kid = res.json::<Value>().await.unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(Duration::from_secs(30), || async {
+        state_reads(app) > reads
+    })
+    .await;
+    kid
+}
+
+/// `token` with its header's kid replaced (the signature no longer fits).
+fn with_kid(token: &str, kid: &str) -> String {
+    let (header, rest) = token.split_once('.').unwrap();
+    let mut json: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
+    json["kid"] = Value::String(kid.to_string());
+    format!("{}.{rest}", URL_SAFE_NO_PAD.encode(json.to_string()))
+}
+
+/// A rotation made on A that B has not heard of (B may not SUBSCRIBE and
+/// re-reads only every 30 s): a token A signs with the new kid verifies on
+/// B at once, B reading the global state once for it, and once for 20
+/// concurrent requests; a token of an unseen kid whose signature does not
+/// check out costs B no read and no script call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_a_kid_rotated_in_elsewhere_verifies_at_once() {
+    let a = spawn_app_with(&[
+        ("STATE_REFRESH_INTERVAL", "30s"),
+        ("STATE_MAX_STALENESS", "60s"),
+    ])
+    .await;
+    a.redis_cmd(&[
+        "ACL",
+        "SETUSER",
+        "nosub",
+        "on",
+        ">nosub-password-0123456789",
+        "~*",
+        "&*",
+        "+@all",
+        "-subscribe",
+        "-psubscribe",
+        "-ssubscribe",
+    ]);
+    // B's Redis traffic goes through a proxy, so its replies can be slowed
+    // enough for concurrent requests to overlap.
+    let port: u16 = a
+        .redis_url
+        .trim_start_matches("redis://127.0.0.1:")
+        .trim_end_matches("/0")
+        .parse()
+        .unwrap();
+    let proxy = FaultProxy::for_port(port).await;
+    let url = format!("redis://nosub:nosub-password-0123456789@{}/0", proxy.addr());
+    let b = Arc::new(
+        spawn_app_on(
+            &url,
+            &[
+                ("STATE_REFRESH_INTERVAL", "30s"),
+                ("STATE_MAX_STALENESS", "60s"),
+                ("REDIS_TIMEOUT", "5s"),
+            ],
+        )
+        .await,
+    );
+    let before = b.create("gina", "laptop").await;
+    assert_eq!(b.verify_status(&before.token).await, StatusCode::OK);
+
+    let new_kid = rotate_and_settle(&a).await;
+    let fresh = a.create("gina", "phone").await;
+    assert_eq!(kid_of(&fresh.token), new_kid);
+    // A bad signature under the unseen kid: no read, no script call.
+    let reads = state_reads(&a);
+    let scripts = a.command_counts().get("evalsha").copied().unwrap_or(0);
+    let forged = with_kid(&before.token, &new_kid);
+    assert_eq!(b.verify_status(&forged).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(state_reads(&a), reads, "a bad signature made B re-read");
+    assert_eq!(
+        a.command_counts().get("evalsha").copied().unwrap_or(0),
+        scripts
+    );
+    // The fresh token: at once, one read.
+    assert_eq!(b.verify_status(&fresh.token).await, StatusCode::OK);
+    assert_eq!(state_reads(&a), reads + 1, "B's reads for the unseen kid");
+    // B signs with it now too.
+    assert_eq!(kid_of(&b.create("gina", "tablet").await.token), new_kid);
+
+    // Again, with 20 concurrent requests overlapping (every reply to B
+    // held 300 ms): still one read.
+    let newer_kid = rotate_and_settle(&a).await;
+    let fresh = a.create("gina", "desk").await;
+    assert_eq!(kid_of(&fresh.token), newer_kid);
+    let reads = state_reads(&a);
+    proxy.delay(Duration::from_millis(300));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let b = b.clone();
+        let token = fresh.token.clone();
+        tasks.push(tokio::spawn(async move { b.verify_status(&token).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        state_reads(&a),
+        reads + 1,
+        "B's reads for 20 concurrent requests"
+    );
 }

@@ -1232,3 +1232,40 @@ async fn a_retired_kid_is_refused_without_redis_even_when_cached() {
     .await;
     assert_eq!(delta(&before, &every_command(&app), "evalsha"), 1);
 }
+
+/// A well-formed kid no ring of this deployment ever held, correctly signed
+/// with the key derived for it (what a rotation made elsewhere would look
+/// like): the first token costs one read of the global state (the refresh
+/// that could have found a new kid), then the kid is known to be foreign
+/// and refused with no Redis command at all. Never a script call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correctly_signed_foreign_kid_costs_one_state_read_then_none() {
+    let app = crate::helpers::spawn_app_with(&[
+        ("STATE_REFRESH_INTERVAL", "30s"),
+        ("STATE_MAX_STALENESS", "60s"),
+    ])
+    .await;
+    let s = live_session(&app, "alice", "laptop").await;
+    let foreign = "Zm9yZWlnbi1raWQx";
+    assert_eq!(foreign.len(), 16);
+    let token = forge_header(&s.token, |h| {
+        h.insert("kid".into(), json!(foreign));
+    });
+    let token = sign(&header_of(&token), &claims_of(&token), foreign);
+    let before = every_command(&app);
+    assert_error(
+        send_verify(&app, &token, "foreign kid").await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_token",
+    )
+    .await;
+    let after = every_command(&app);
+    assert_eq!(delta(&before, &after, "hmget"), 1, "the one state read");
+    assert_eq!(delta(&before, &after, "evalsha"), 0, "a script call");
+    for i in 0..3 {
+        let before = every_command(&app);
+        assert_refused_without_redis(&app, &token, "foreign kid again").await;
+        assert_eq!(before, every_command(&app), "foreign kid, try {i}");
+    }
+    assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
+}
