@@ -90,7 +90,11 @@ async fn cutoff_alone_reaches(a: &TestApp, b: &TestApp) {
                 latest = latest.max(sent);
                 break;
             }
-            assert_eq!(status, StatusCode::OK, "B answered {status}");
+            // 503 (a stale copy on a starved machine) refuses too; keep polling.
+            assert!(
+                status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
+                "B answered {status}"
+            );
             assert!(
                 acked.elapsed() < Duration::from_secs(30),
                 "B still accepts a pre-cutoff token 30 s after the logout-all"
@@ -263,8 +267,13 @@ fn state_reads(app: &TestApp) -> u64 {
     app.command_counts().get("hmget").copied().unwrap_or(0)
 }
 
-/// Rotates on `app` and waits for the read its own event wakes there.
+/// Rotates on `app` and waits for the read its own event wakes there (its
+/// listener, the only subscriber, is subscribed first).
 async fn rotate_and_settle(app: &TestApp) -> String {
+    eventually(Duration::from_secs(30), || async {
+        event_subscribers(app).ends_with(":1\r\n")
+    })
+    .await;
     let reads = state_reads(app);
     let res = app.rotate_keys().await;
     assert_eq!(res.status(), StatusCode::OK);
@@ -288,15 +297,15 @@ fn with_kid(token: &str, kid: &str) -> String {
 }
 
 /// A rotation made on A that B has not heard of (B may not SUBSCRIBE and
-/// re-reads only every 30 s): a token A signs with the new kid verifies on
+/// re-reads only every 120 s): a token A signs with the new kid verifies on
 /// B at once, B reading the global state once for it, and once for 20
 /// concurrent requests; a token of an unseen kid whose signature does not
 /// check out costs B no read and no script call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_of_a_kid_rotated_in_elsewhere_verifies_at_once() {
     let a = spawn_app_with(&[
-        ("STATE_REFRESH_INTERVAL", "30s"),
-        ("STATE_MAX_STALENESS", "60s"),
+        ("STATE_REFRESH_INTERVAL", "120s"),
+        ("STATE_MAX_STALENESS", "240s"),
     ])
     .await;
     a.redis_cmd(&[
@@ -326,8 +335,8 @@ async fn a_token_of_a_kid_rotated_in_elsewhere_verifies_at_once() {
         spawn_app_on(
             &url,
             &[
-                ("STATE_REFRESH_INTERVAL", "30s"),
-                ("STATE_MAX_STALENESS", "60s"),
+                ("STATE_REFRESH_INTERVAL", "120s"),
+                ("STATE_MAX_STALENESS", "240s"),
                 ("REDIS_TIMEOUT", "5s"),
             ],
         )

@@ -100,7 +100,6 @@ async fn verify_fails_closed_once_the_cached_state_is_stale_and_recovers() {
         app.verify_status(&s.token).await == StatusCode::OK
     })
     .await;
-    assert!(state_age(&app).await < 1.0);
 }
 
 /// The bound includes the verify's own Redis call. B's refresher fails

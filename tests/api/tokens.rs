@@ -1119,6 +1119,12 @@ fn retire_at(app: &TestApp, kid: &str) -> Option<i64> {
 /// Rotates the key on `app` and waits for the refresher's read that the
 /// rotation's event wakes, so it cannot land inside a later measurement.
 async fn rotate_and_settle(app: &TestApp) -> String {
+    // Its listener is subscribed, so the rotation's event wakes a read.
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        app.redis_cmd(&["PUBSUB", "NUMSUB", "sg:events"])
+            .ends_with(":1\r\n")
+    })
+    .await;
     let reads = app.command_counts().get("hmget").copied().unwrap_or(0);
     let res = app.rotate_keys().await;
     assert_eq!(res.status(), StatusCode::OK);
@@ -1151,7 +1157,7 @@ fn long_lived_twin(real: &str, kid: &str, sid: Option<String>) -> String {
 
 /// With a 1 s lifetime a rotated-out kid retires 7 s later (lifetime +
 /// leeway + 1 s). Its tokens are then refused in-process with not a single
-/// Redis command (the refresher runs every 30 s and its woken reads are
+/// Redis command (the refresher runs every 120 s and its woken reads are
 /// waited out): a token verified while the kid was valid (so in the
 /// verified-token cache) and one never seen, both before and after a second
 /// rotation drops the kid from the ring.
@@ -1159,11 +1165,13 @@ fn long_lived_twin(real: &str, kid: &str, sid: Option<String>) -> String {
 async fn a_retired_kid_is_refused_without_redis_even_when_cached() {
     let app = crate::helpers::spawn_app_with(&[
         ("ABSOLUTE_LIFETIME", "1s"),
-        ("STATE_REFRESH_INTERVAL", "30s"),
-        ("STATE_MAX_STALENESS", "60s"),
+        ("STATE_REFRESH_INTERVAL", "120s"),
+        ("STATE_MAX_STALENESS", "240s"),
     ])
     .await;
-    let s = live_session(&app, "alice", "laptop").await; // loads the script
+    let s = app.create("alice", "laptop").await;
+    // Loads the script (the 1 s session may already be gone on a slow machine).
+    send_verify(&app, &s.token, "first verify").await;
     let old_kid = kid_of(&s.token);
     let cached = long_lived_twin(&s.token, &old_kid, None);
     // It passes every in-process check (one script call), so it is cached.
@@ -1241,8 +1249,8 @@ async fn a_retired_kid_is_refused_without_redis_even_when_cached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_correctly_signed_foreign_kid_costs_one_state_read_then_none() {
     let app = crate::helpers::spawn_app_with(&[
-        ("STATE_REFRESH_INTERVAL", "30s"),
-        ("STATE_MAX_STALENESS", "60s"),
+        ("STATE_REFRESH_INTERVAL", "120s"),
+        ("STATE_MAX_STALENESS", "240s"),
     ])
     .await;
     let s = live_session(&app, "alice", "laptop").await;
