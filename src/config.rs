@@ -114,6 +114,7 @@ pub struct Settings {
     pub key_prefix: String,
     pub state_refresh_interval: Duration,
     pub state_max_staleness: Duration,
+    pub logout_all_purge_delay: Duration,
     pub issuer_keys: Vec<Secret>,
     pub admin_keys: Vec<Secret>,
     pub signing_secret: Secret,
@@ -413,6 +414,13 @@ impl Layers {
             key_prefix,
             state_refresh_interval: positive("state_refresh_interval")?,
             state_max_staleness: positive("state_max_staleness")?,
+            logout_all_purge_delay: {
+                let d = self.duration("logout_all_purge_delay")?;
+                if d > Duration::from_secs(86_400) {
+                    return Err(self.err("logout_all_purge_delay", "must be at most 1d"));
+                }
+                d
+            },
             issuer_keys: self.secrets("issuer_keys")?,
             admin_keys: self.secrets("admin_keys")?,
             signing_secret: Secret::new(signing_secret),
@@ -915,6 +923,24 @@ mod tests {
         // A v1.1 name that is a setting here is simply a setting.
         for name in V1_1_ENV.iter().filter(|v| !unsupported.contains(v)) {
             check_env_names(&vars(&[(name, "redis://127.0.0.1:7000")])).unwrap();
+        }
+    }
+
+    #[test]
+    fn logout_all_purge_delay_defaults_to_zero_and_is_capped_at_a_day() {
+        let s = Settings::load(&env_with(&required())).unwrap();
+        assert_eq!(s.logout_all_purge_delay, Duration::ZERO);
+        let mut env = required();
+        env.push(("SESSIONGATE_LOGOUT_ALL_PURGE_DELAY", "1d"));
+        let s = Settings::load(&env_with(&env)).unwrap();
+        assert_eq!(s.logout_all_purge_delay, Duration::from_secs(86_400));
+        for bad in ["25h", "soon"] {
+            let mut env = required();
+            env.push(("SESSIONGATE_LOGOUT_ALL_PURGE_DELAY", bad));
+            assert_eq!(
+                Settings::load(&env_with(&env)).unwrap_err().setting,
+                "SESSIONGATE_LOGOUT_ALL_PURGE_DELAY"
+            );
         }
     }
 

@@ -5,16 +5,17 @@
 //! session in Redis. Nothing is answered "valid" unless Redis confirmed the
 //! session during this call.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Settings;
 use crate::domain::{DeviceId, InvalidInput, Metadata, SessionId, UserId, UserTag};
 use crate::metrics::Metrics;
 use crate::state::{Global, GlobalState};
 use crate::store::{GlobalOp, Liveness, NewSession, Revoke, SessionRecord, Store, StoreError};
-use crate::token::{Claims, TokenCodec, TokenError, VerifiedToken, new_kid};
+use crate::token::{Claims, TokenCodec, TokenError, VerifiedToken, kid_of, new_kid};
 
 /// Milliseconds since the Unix epoch, from this host's clock.
 pub fn now_ms() -> i64 {
@@ -106,7 +107,15 @@ pub struct SessionService {
     /// purge at a time, which finishes with the latest cutoff.
     purge_target: std::sync::atomic::AtomicI64,
     purge_running: std::sync::atomic::AtomicBool,
+    /// `logout_all_purge_delay`: how long a purge waits before it starts.
+    purge_delay: Duration,
+    /// Correctly signed kids found in no ring of this deployment, even
+    /// after a fresh read (see `check_token`).
+    foreign_kids: std::sync::Mutex<HashSet<String>>,
 }
+
+/// Most foreign kids remembered (the set is cleared when full).
+const MAX_FOREIGN_KIDS: usize = 1024;
 
 impl SessionService {
     pub fn new(
@@ -137,6 +146,8 @@ impl SessionService {
             metrics,
             purge_target: std::sync::atomic::AtomicI64::new(0),
             purge_running: std::sync::atomic::AtomicBool::new(false),
+            purge_delay: settings.logout_all_purge_delay,
+            foreign_kids: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -223,17 +234,53 @@ impl SessionService {
         })
     }
 
-    /// Checks a token in-process only (no Redis).
-    pub fn check_token(
+    /// Checks a token in-process: no Redis call, except once for a
+    /// correctly signed token of a kid this instance has not seen (a
+    /// rotation made elsewhere, not read here yet): then the global state
+    /// is re-read (coalesced with concurrent ones) and the check retried. A
+    /// kid still unknown after a read sent after this request began belongs
+    /// to no ring of this deployment: it is remembered and refused from
+    /// then on without any Redis call.
+    pub async fn check_token(
         &self,
         token: &str,
     ) -> Result<(Arc<VerifiedToken>, Arc<GlobalState>), ServiceError> {
+        let since = Instant::now();
         let state = self.global.snapshot()?;
-        let verified = self
-            .codec
-            .verify(&state.ring, token, now_ms())
-            .map_err(ServiceError::InvalidToken)?;
-        Ok((verified, state))
+        match self.codec.verify(&state.ring, token, now_ms()) {
+            Ok(verified) => return Ok((verified, state)),
+            Err(TokenError::UnseenKey) => {}
+            Err(e) => return Err(ServiceError::InvalidToken(e)),
+        }
+        let unknown = ServiceError::InvalidToken(TokenError::UnknownKey);
+        let Some(kid) = kid_of(token) else {
+            return Err(unknown);
+        };
+        if self.lock_foreign().contains(&kid) {
+            return Err(unknown);
+        }
+        self.global
+            .refresh_for_kid(&self.store, &kid, since)
+            .await?;
+        let state = self.global.snapshot()?;
+        match self.codec.verify(&state.ring, token, now_ms()) {
+            Ok(verified) => Ok((verified, state)),
+            Err(TokenError::UnseenKey) => {
+                let mut foreign = self.lock_foreign();
+                if foreign.len() >= MAX_FOREIGN_KIDS {
+                    foreign.clear();
+                }
+                foreign.insert(kid);
+                Err(unknown)
+            }
+            Err(e) => Err(ServiceError::InvalidToken(e)),
+        }
+    }
+
+    fn lock_foreign(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.foreign_kids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The full check: token in-process, then one Redis round trip.
@@ -243,7 +290,7 @@ impl SessionService {
         reauth: Reauth,
         full_record: bool,
     ) -> Result<ActiveSession, ServiceError> {
-        let (verified, state) = self.check_token(token)?;
+        let (verified, state) = self.check_token(token).await?;
         // Introspection and listing are not user activity: no touch, no
         // password-age policy. Verify is: touch, and enforce the policy in
         // the same round trip (a refused verify does not slide the expiry).
@@ -273,6 +320,9 @@ impl SessionService {
         if let (true, Some(max_age)) = (live.reauth_needed, limit_s) {
             return Err(ServiceError::InsufficientAuth { max_age });
         }
+        // The call may have taken up to `redis_timeout`: the cutoff it was
+        // judged by must still be within `state_max_staleness` now.
+        self.global.still_valid(&state)?;
         Ok(ActiveSession {
             token: verified,
             record: live.record,
@@ -288,7 +338,7 @@ impl SessionService {
     /// Logout on this device: the token's own session is deleted. Returns
     /// the session id (for the audit log).
     pub async fn logout_current(&self, token: &str) -> Result<SessionId, ServiceError> {
-        let (verified, state) = self.check_token(token)?;
+        let (verified, state) = self.check_token(token).await?;
         let n = self
             .store
             .revoke(
@@ -357,6 +407,11 @@ impl SessionService {
     async fn purge_loop(self: Arc<Self>) {
         let mut done = 0;
         loop {
+            if !self.purge_delay.is_zero() && self.purge_target.load(Ordering::SeqCst) > done {
+                // Held back (`logout_all_purge_delay`); the cutoff already
+                // refuses these sessions on every instance.
+                tokio::time::sleep(self.purge_delay).await;
+            }
             let target = self.purge_target.load(Ordering::SeqCst);
             if target <= done {
                 self.purge_running.store(false, Ordering::SeqCst);

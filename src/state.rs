@@ -5,7 +5,9 @@
 //!
 //! Fail closed: when the copy is older than `state_max_staleness` (Redis
 //! unreachable, refresher stuck), `snapshot` refuses and verify answers 503;
-//! it never carries on as if there were no cutoff. When the state is missing
+//! it never carries on as if there were no cutoff. A verify checks the age
+//! of the copy it used again after its Redis call answered (`still_valid`),
+//! so a slow call cannot stretch the bound. When the state is missing
 //! from Redis (first start, or Redis lost its data) it is initialised with a
 //! new key id and a cutoff of "now", so nothing issued before is accepted.
 
@@ -33,6 +35,8 @@ pub struct GlobalState {
 pub struct Global {
     current: ArcSwapOption<GlobalState>,
     wake: Notify,
+    /// One on-demand refresh at a time (`refresh_for_kid`).
+    on_demand: tokio::sync::Mutex<()>,
     secret: Secret,
     alg: Algorithm,
     /// The oldest copy acted upon (`state_max_staleness`).
@@ -44,11 +48,12 @@ impl Global {
         Global {
             current: ArcSwapOption::empty(),
             wake: Notify::new(),
+            on_demand: tokio::sync::Mutex::new(()),
             secret,
             alg,
-            // The copy's age is measured from when its read was sent; a
-            // verify acting on it is at most this plus its own Redis call
-            // behind Redis.
+            // The copy's age is measured from when its read was sent, and
+            // checked again once a verify's own Redis call has answered
+            // (`still_valid`), so that call is inside the bound.
             max_age: max_staleness,
         }
     }
@@ -59,6 +64,23 @@ impl Global {
             Some(state) if state.fetched_at.elapsed() <= self.max_age => Ok(state),
             Some(_) => Err(StoreError::Timeout(self.max_age)),
             None => Err(StoreError::Connection("global state not loaded yet".into())),
+        }
+    }
+
+    /// Whether an answer computed with the copy `used` may still be given
+    /// now: `used` is still within `state_max_staleness`, or the current
+    /// copy is and holds the same cutoff. A verify checks this after its
+    /// Redis call, so the call's own duration (up to `redis_timeout`)
+    /// counts against the bound: a session created before a logout-all is
+    /// never confirmed later than `state_max_staleness` after it, even when
+    /// the refresher fails and the request connections do not.
+    pub fn still_valid(&self, used: &GlobalState) -> Result<(), StoreError> {
+        if used.fetched_at.elapsed() <= self.max_age {
+            return Ok(());
+        }
+        match self.snapshot() {
+            Ok(current) if current.cutoff_ms == used.cutoff_ms => Ok(()),
+            _ => Err(StoreError::Timeout(self.max_age)),
         }
     }
 
@@ -73,10 +95,18 @@ impl Global {
         let previous = self.current.load_full();
         let parsed = match &previous {
             Some(p) if p.ring_json == record.ring_json => p.ring.clone(),
-            _ => Arc::new(
-                KeyRing::from_json(&record.ring_json, self.secret.expose().as_bytes(), self.alg)
-                    .map_err(StoreError::Protocol)?,
-            ),
+            _ => {
+                let mut ring = KeyRing::from_json(
+                    &record.ring_json,
+                    self.secret.expose().as_bytes(),
+                    self.alg,
+                )
+                .map_err(StoreError::Protocol)?;
+                if let Some(p) = &previous {
+                    ring.inherit_gone(&p.ring);
+                }
+                Arc::new(ring)
+            }
         };
         // Atomic against concurrent applies (the refresher, a logout-all
         // handler). The cutoff only ever rises in Redis, so the cached one
@@ -120,6 +150,33 @@ impl Global {
             }
         };
         self.apply(record, started)
+    }
+
+    /// Re-reads the state for a request that began at `since` and met a
+    /// correctly signed token of `kid`, a kid not in the ring (a rotation
+    /// another instance made, not heard of here yet). Coalesced: while one
+    /// such read is in flight, others wait for it, and none is sent when
+    /// the copy already knows `kid` or was read after `since`.
+    pub async fn refresh_for_kid(
+        &self,
+        store: &Store,
+        kid: &str,
+        since: Instant,
+    ) -> Result<(), StoreError> {
+        let settled = || {
+            self.current
+                .load()
+                .as_ref()
+                .is_some_and(|s| s.fetched_at >= since || s.ring.knows(kid))
+        };
+        if settled() {
+            return Ok(());
+        }
+        let _one_at_a_time = self.on_demand.lock().await;
+        if settled() {
+            return Ok(());
+        }
+        self.refresh(store).await
     }
 
     /// Asks the refresher to re-read now.

@@ -12,6 +12,12 @@
 //! or retired kid, a bad signature, missing or mistyped claims, `exp` past,
 //! `nbf` or `iat` in the future (with at most 5 s leeway), and ids that do
 //! not match each other (the session id carries its user's tag).
+//!
+//! One case is not a refusal: a well-formed kid this instance has never
+//! seen, with a signature and claims that check out against the key derived
+//! for it, is [`TokenError::UnseenKey`] (a rotation made by another
+//! instance, not read here yet); the caller re-reads the ring once and
+//! retries. A retired kid, or one an earlier ring held, is never that.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -68,6 +74,11 @@ pub enum TokenError {
     Algorithm,
     #[error("unknown or retired key id")]
     UnknownKey,
+    /// Correctly signed with the key derived for a well-formed kid this
+    /// instance has never seen: maybe a rotation another instance made, not
+    /// read here yet. The caller may refresh the ring once and retry.
+    #[error("key id not seen yet")]
+    UnseenKey,
     #[error("signature or claims invalid")]
     Invalid,
     #[error("token expired")]
@@ -91,7 +102,26 @@ pub struct RingKey {
 pub struct KeyRing {
     pub active: String,
     keys: Vec<RingKey>,
+    /// Kids an earlier copy of the ring held and this one no longer does
+    /// (retired and dropped): refused as retired, never looked up again.
+    gone: HashSet<String>,
+    /// For deriving the key of a kid not in the ring (see `UnseenKey`).
+    secret: Box<[u8]>,
+    alg: Algorithm,
 }
+
+/// What the ring says about a kid.
+enum Lookup<'a> {
+    Valid(&'a RingKey),
+    /// Retired, or dropped after retiring: refused, no Redis call.
+    Retired,
+    /// Never seen by this instance.
+    Unseen,
+}
+
+/// Most kids remembered as gone; a ring rotates rarely, so this is never
+/// reached in practice, it only bounds memory.
+const MAX_GONE_KIDS: usize = 4096;
 
 #[derive(Deserialize)]
 struct RingJson {
@@ -129,13 +159,47 @@ impl KeyRing {
         Ok(KeyRing {
             active: parsed.active,
             keys,
+            gone: HashSet::new(),
+            secret: secret.into(),
+            alg,
         })
     }
 
-    fn get(&self, kid: &str, now_ms: i64) -> Option<&RingKey> {
-        self.keys
+    /// Remembers as gone every kid `previous` knew that this ring does not.
+    pub fn inherit_gone(&mut self, previous: &KeyRing) {
+        let dropped = previous
+            .keys
             .iter()
-            .find(|k| k.kid == kid && k.retire_at_ms.is_none_or(|t| t > now_ms))
+            .map(|k| &k.kid)
+            .chain(previous.gone.iter())
+            .filter(|kid| !self.keys.iter().any(|k| &k.kid == *kid));
+        for kid in dropped {
+            if self.gone.len() >= MAX_GONE_KIDS {
+                break;
+            }
+            self.gone.insert(kid.clone());
+        }
+    }
+
+    /// Whether this instance has seen `kid` (valid, retired or dropped).
+    pub fn knows(&self, kid: &str) -> bool {
+        self.gone.contains(kid) || self.keys.iter().any(|k| k.kid == kid)
+    }
+
+    fn lookup(&self, kid: &str, now_ms: i64) -> Lookup<'_> {
+        match self.keys.iter().find(|k| k.kid == kid) {
+            Some(k) if k.retire_at_ms.is_none_or(|t| t > now_ms) => Lookup::Valid(k),
+            Some(_) => Lookup::Retired,
+            None if self.gone.contains(kid) => Lookup::Retired,
+            None => Lookup::Unseen,
+        }
+    }
+
+    fn get(&self, kid: &str, now_ms: i64) -> Option<&RingKey> {
+        match self.lookup(kid, now_ms) {
+            Lookup::Valid(k) => Some(k),
+            _ => None,
+        }
     }
 
     fn active_key(&self) -> &RingKey {
@@ -144,6 +208,22 @@ impl KeyRing {
             .find(|k| k.kid == self.active)
             .expect("checked in from_json")
     }
+}
+
+/// Whether `kid` has the shape [`new_kid`] gives (16 base64url characters):
+/// only such kids are worth deriving a key for when unseen.
+fn well_formed_kid(kid: &str) -> bool {
+    kid.len() == 16
+        && kid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The `kid` of a token's header, if it has one (no other check).
+pub fn kid_of(token: &str) -> Option<String> {
+    let header = URL_SAFE_NO_PAD.decode(token.split('.').next()?).ok()?;
+    let header: StrictHeader = serde_json::from_slice(&header).ok()?;
+    Some(header.kid)
 }
 
 /// A new random key id.
@@ -176,39 +256,92 @@ struct StrictHeader {
     kid: String,
 }
 
-type Entries = HashMap<Box<str>, Arc<VerifiedToken>>;
+type Entries<V> = HashMap<Box<str>, V>;
 
 /// A bounded map that keeps what is in use: entries go into `young`; when it
 /// holds `capacity` entries it becomes `old` (the previous `old` is
-/// dropped). A hit in `old` moves the entry back to `young`. So at least the
+/// retired). A hit in `old` moves the entry back to `young`. So at least the
 /// last `capacity` distinct tokens stay, at most twice that is held, there
 /// is no full-cache miss storm, and tokens in steady use stay.
-#[derive(Default)]
-struct TwoGenerations {
-    young: Entries,
-    old: Entries,
+///
+/// A retired generation is handed back to the caller rather than dropped
+/// here, so its up to `capacity` entries are freed outside the lock.
+struct TwoGenerations<V> {
+    young: Entries<V>,
+    old: Entries<V>,
 }
 
-impl TwoGenerations {
-    fn get(&mut self, token: &str, capacity: usize) -> Option<Arc<VerifiedToken>> {
-        if let Some(hit) = self.young.get(token) {
-            return Some(hit.clone());
+impl<V: Clone> TwoGenerations<V> {
+    fn new() -> Self {
+        TwoGenerations {
+            young: HashMap::new(),
+            old: HashMap::new(),
         }
-        let (key, hit) = self.old.remove_entry(token)?;
-        self.insert(key, hit.clone(), capacity);
-        Some(hit)
     }
 
-    fn insert(&mut self, token: Box<str>, verified: Arc<VerifiedToken>, capacity: usize) {
-        if self.young.len() >= capacity {
-            self.old = std::mem::take(&mut self.young);
+    fn get(&mut self, token: &str, capacity: usize) -> (Option<V>, Option<Entries<V>>) {
+        if let Some(hit) = self.young.get(token) {
+            return (Some(hit.clone()), None);
         }
-        self.young.insert(token, verified);
+        let Some((key, hit)) = self.old.remove_entry(token) else {
+            return (None, None);
+        };
+        let retired = self.insert(key, hit.clone(), capacity);
+        (Some(hit), retired)
+    }
+
+    #[must_use = "the retired generation is to be dropped outside the lock"]
+    fn insert(&mut self, token: Box<str>, value: V, capacity: usize) -> Option<Entries<V>> {
+        let retired = if self.young.len() >= capacity {
+            Some(std::mem::replace(
+                &mut self.old,
+                std::mem::take(&mut self.young),
+            ))
+        } else {
+            None
+        };
+        self.young.insert(token, value);
+        retired
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
         self.young.len() + self.old.len()
+    }
+}
+
+/// [`TwoGenerations`] behind its lock. The lock is held only to move maps
+/// around; a retired generation is dropped after the lock is released, so
+/// freeing thousands of entries never stalls other verifies.
+struct GenerationCache<V> {
+    inner: Mutex<TwoGenerations<V>>,
+    capacity: usize,
+}
+
+impl<V: Clone> GenerationCache<V> {
+    fn new(capacity: usize) -> Self {
+        GenerationCache {
+            inner: Mutex::new(TwoGenerations::new()),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TwoGenerations<V>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get(&self, token: &str) -> Option<V> {
+        // The guard is a temporary: released at the end of this statement.
+        let (hit, retired) = self.lock().get(token, self.capacity);
+        drop(retired);
+        hit
+    }
+
+    fn insert(&self, token: Box<str>, value: V) {
+        let retired = self.lock().insert(token, value, self.capacity);
+        drop(retired);
     }
 }
 
@@ -226,7 +359,7 @@ pub struct TokenCodec {
     leeway_s: u64,
     max_bytes: usize,
     validation: Validation,
-    cache: Mutex<TwoGenerations>,
+    cache: GenerationCache<Arc<VerifiedToken>>,
     cache_capacity: usize,
     max_lifetime_s: Option<u64>,
 }
@@ -266,7 +399,7 @@ impl TokenCodec {
             leeway_s,
             max_bytes,
             validation,
-            cache: Mutex::new(TwoGenerations::default()),
+            cache: GenerationCache::new(cache_capacity),
             cache_capacity,
             max_lifetime_s: None,
         }
@@ -305,8 +438,7 @@ impl TokenCodec {
         if self.cache_capacity == 0 {
             return self.verify_uncached(ring, token, now_ms).map(Arc::new);
         }
-        let cached = self.lock_cache().get(token, self.cache_capacity);
-        if let Some(hit) = cached {
+        if let Some(hit) = self.cache.get(token) {
             ring.get(&hit.kid, now_ms).ok_or(TokenError::UnknownKey)?;
             if hit.exp.saturating_add(self.leeway_s) < (now_ms / 1000).max(0) as u64 {
                 return Err(TokenError::Expired);
@@ -314,15 +446,13 @@ impl TokenCodec {
             return Ok(hit);
         }
         let verified = Arc::new(self.verify_uncached(ring, token, now_ms)?);
-        self.lock_cache()
-            .insert(token.into(), verified.clone(), self.cache_capacity);
+        self.cache.insert(token.into(), verified.clone());
         Ok(verified)
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, TwoGenerations> {
-        self.cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    #[cfg(test)]
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, TwoGenerations<Arc<VerifiedToken>>> {
+        self.cache.lock()
     }
 
     fn verify_uncached(
@@ -348,16 +478,27 @@ impl TokenCodec {
         if header.typ.as_deref().is_some_and(|t| t != "JWT") {
             return Err(TokenError::Header);
         }
-        let key = ring
-            .get(&header.kid, now_ms)
-            .ok_or(TokenError::UnknownKey)?;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation).map_err(
-            |e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
-                jsonwebtoken::errors::ErrorKind::ImmatureSignature => TokenError::NotYetValid,
-                _ => TokenError::Invalid,
-            },
-        )?;
+        let derived;
+        let (key, unseen) = match ring.lookup(&header.kid, now_ms) {
+            Lookup::Valid(k) => (&k.decoding, false),
+            // Only a kid of our shape, and only after its signature and
+            // every claim check out against the key derived for it, is
+            // reported as unseen (worth a refresh): garbage never is.
+            Lookup::Unseen if well_formed_kid(&header.kid) => {
+                derived =
+                    DecodingKey::from_secret(&derive_key(&ring.secret, &header.kid, ring.alg));
+                (&derived, true)
+            }
+            Lookup::Unseen | Lookup::Retired => return Err(TokenError::UnknownKey),
+        };
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                    jsonwebtoken::errors::ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                    _ => TokenError::Invalid,
+                }
+            })?;
         let claims = data.claims;
         let now_s = (now_ms / 1000).max(0) as u64;
         if claims.iat > now_s.saturating_add(self.leeway_s) {
@@ -387,6 +528,9 @@ impl TokenCodec {
             value(session.as_str())?,
             value(device.as_str())?,
         ];
+        if unseen {
+            return Err(TokenError::UnseenKey);
+        }
         Ok(VerifiedToken {
             identity_headers,
             user,
@@ -557,6 +701,102 @@ mod tests {
                 "the hot token was evicted at {i}"
             );
         }
+    }
+
+    mod freed_outside_the_lock {
+        use super::super::GenerationCache;
+        use std::sync::LazyLock;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        static CACHE: LazyLock<GenerationCache<Probe>> = LazyLock::new(|| GenerationCache::new(2));
+        static DROPPED: AtomicUsize = AtomicUsize::new(0);
+        static DROPPED_UNDER_LOCK: AtomicUsize = AtomicUsize::new(0);
+
+        /// Records, when dropped, whether the cache's lock was held.
+        #[derive(Clone)]
+        struct Probe;
+
+        impl Drop for Probe {
+            fn drop(&mut self) {
+                DROPPED.fetch_add(1, Ordering::SeqCst);
+                if CACHE.inner.try_lock().is_err() {
+                    DROPPED_UNDER_LOCK.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+
+        #[test]
+        fn a_retired_generation_is_freed_outside_the_lock() {
+            // Capacity 2: a, b fill young; c retires nothing (old was
+            // empty); d, then e retires {a, b}.
+            for key in ["a", "b", "c", "d", "e"] {
+                CACHE.insert(key.into(), Probe);
+            }
+            assert_eq!(DROPPED.load(Ordering::SeqCst), 2, "a and b were freed");
+            // A hit in old ({c, d}) moves it to a full young ({e, f}):
+            // young becomes old and {d} is retired.
+            CACHE.insert("f".into(), Probe);
+            let hit = CACHE.get("c");
+            assert!(hit.is_some());
+            drop(hit);
+            assert_eq!(
+                DROPPED.load(Ordering::SeqCst),
+                4,
+                "d and the hit's copy were freed"
+            );
+            assert_eq!(
+                DROPPED_UNDER_LOCK.load(Ordering::SeqCst),
+                0,
+                "entries were freed while the cache was locked"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unseen_well_formed_kid_is_reported_only_when_its_signature_holds() {
+        let codec = TokenCodec::with_cache(Algorithm::HS256, "sessiongate", 5, 4096, 8);
+        let now = now_ms();
+        let ring = ring();
+        let elsewhere = |kid: &str| {
+            KeyRing::from_json(
+                &format!(r#"{{"active":"{kid}","keys":[{{"kid":"{kid}","retire_at":0}}]}}"#),
+                SECRET,
+                Algorithm::HS256,
+            )
+            .unwrap()
+        };
+        let token = codec.sign(&elsewhere("abcdefghijklmnop"), &claims(now as u64 / 1000));
+        assert_eq!(
+            codec.verify(&ring, &token, now).unwrap_err(),
+            TokenError::UnseenKey
+        );
+        // Not cached as valid: still unseen.
+        assert_eq!(
+            codec.verify(&ring, &token, now).unwrap_err(),
+            TokenError::UnseenKey
+        );
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(
+            codec.verify(&ring, &tampered, now).unwrap_err(),
+            TokenError::Invalid
+        );
+        // A kid not of our shape is never worth a refresh.
+        let odd = codec.sign(&elsewhere("short"), &claims(now as u64 / 1000));
+        assert_eq!(
+            codec.verify(&ring, &odd, now).unwrap_err(),
+            TokenError::UnknownKey
+        );
+        // A kid an earlier ring held is gone, not unseen.
+        let mut newer = elsewhere("qrstuvwxyz012345");
+        newer.inherit_gone(&ring);
+        let k2 = codec.sign(&ring, &claims(now as u64 / 1000));
+        assert_eq!(
+            codec.verify(&newer, &k2, now).unwrap_err(),
+            TokenError::UnknownKey
+        );
+        assert!(newer.knows("k1") && newer.knows("k2") && !newer.knows("abcdefghijklmnop"));
     }
 
     #[test]

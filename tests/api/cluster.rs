@@ -141,6 +141,18 @@ async fn sessions_work_across_every_node_of_a_cluster() {
     assert_eq!(app.verify_status(&sessions[3].token).await, StatusCode::OK);
 }
 
+fn kid_of(token: &str) -> String {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap();
+    let json: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap(),
+    )
+    .unwrap();
+    json["kid"].as_str().unwrap().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_all_and_rotation_reach_another_instance_on_the_cluster() {
     let cluster = TestCluster::start();
@@ -150,7 +162,31 @@ async fn logout_all_and_rotation_reach_another_instance_on_the_cluster() {
     for i in 0..10 {
         old.push(b.create(&format!("u{i}"), "d").await);
     }
-    assert_eq!(a.rotate_keys().await.status(), StatusCode::OK);
+    let old_kid = kid_of(&old[0].token);
+
+    // The rotation reaches B: B starts signing with the new kid, and a
+    // token A signs with it verifies on B (and B's on A).
+    let res = a.rotate_keys().await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let new_kid = res.json::<Value>().await.unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new_kid, old_kid);
+    eventually(Duration::from_secs(10), || async {
+        kid_of(&b.create("rot", "from-b").await.token) == new_kid
+    })
+    .await;
+    let from_a = a.create("rot", "from-a").await;
+    assert_eq!(kid_of(&from_a.token), new_kid);
+    assert_eq!(b.verify_status(&from_a.token).await, StatusCode::OK);
+    let from_b = b.create("rot", "from-b2").await;
+    assert_eq!(kid_of(&from_b.token), new_kid);
+    assert_eq!(a.verify_status(&from_b.token).await, StatusCode::OK);
+    // Old-kid tokens still verify on both until their kid retires.
+    assert_eq!(a.verify_status(&old[0].token).await, StatusCode::OK);
+    assert_eq!(b.verify_status(&old[0].token).await, StatusCode::OK);
+
     assert_eq!(a.logout_all().await.status(), StatusCode::OK);
     for s in &old {
         assert_eq!(a.verify_status(&s.token).await, StatusCode::UNAUTHORIZED);

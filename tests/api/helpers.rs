@@ -367,3 +367,12 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Milliseconds since the Unix epoch (the host clock, which the test Redis
+/// shares).
+pub fn now_ms_wall() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}

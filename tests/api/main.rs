@@ -18,5 +18,6 @@ mod input;
 mod multi_instance;
 mod policy;
 mod sessions;
+mod staleness;
 mod storage;
 mod tokens;

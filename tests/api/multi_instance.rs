@@ -8,7 +8,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_on};
+use crate::fault_proxy::FaultProxy;
+use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_on, spawn_app_with};
 
 async fn pair() -> (TestApp, TestApp) {
     let a = spawn_app().await;
@@ -43,37 +44,147 @@ async fn force_logout_of_a_user_is_refused_at_once_on_the_other() {
     assert_eq!(b.verify_status(&s2.token).await, StatusCode::UNAUTHORIZED);
 }
 
-#[tokio::test]
-async fn logout_all_reaches_the_other_instance_within_a_second() {
-    let (a, b) = pair().await;
-    let s = b.create("carol", "laptop").await;
-    assert_eq!(b.verify_status(&s.token).await, StatusCode::OK);
-    let started = Instant::now();
+/// Number of keys in Redis (each test owns its Redis): one hash per user
+/// plus the global state.
+fn keys_in_redis(app: &TestApp) -> String {
+    app.redis_cmd(&["DBSIZE"])
+}
+
+/// Subscribers of the events channel.
+fn event_subscribers(app: &TestApp) -> String {
+    app.redis_cmd(&["PUBSUB", "NUMSUB", "sg:events"])
+}
+
+/// A logout-all on A; B must refuse every pre-cutoff token within 1 s of
+/// the acknowledgement, by the cutoff alone. The purge is held back on both
+/// (`LOGOUT_ALL_PURGE_DELAY`), so each record is still in Redis when B
+/// refuses its token: B's refusing script is what deletes it (verify drops
+/// a record it finds dead), which shows B sent the new cutoff; a refusal of
+/// a missing record would leave the key count unchanged. Measured from the
+/// acknowledgement to the sending of each token's first refused request
+/// (the cutoff only rises, so a token refused once stays refused); polled
+/// with a generous deadline.
+async fn cutoff_alone_reaches(a: &TestApp, b: &TestApp) {
+    let mut sessions = Vec::new();
+    for i in 0..5 {
+        sessions.push(b.create(&format!("carol-{i}"), "laptop").await);
+    }
+    for s in &sessions {
+        assert_eq!(b.verify_status(&s.token).await, StatusCode::OK);
+    }
+    // One hash per user, plus the global state.
+    assert_eq!(keys_in_redis(a), ":6\r\n");
     assert_eq!(a.logout_all().await.status(), StatusCode::OK);
-    // At once on the instance that served it.
-    assert_eq!(a.verify_status(&s.token).await, StatusCode::UNAUTHORIZED);
-    let took = eventually(Duration::from_secs(1), || async {
-        b.verify_status(&s.token).await == StatusCode::UNAUTHORIZED
-    })
-    .await;
-    assert!(started.elapsed() < Duration::from_secs(1), "took {took:?}");
+    let acked = Instant::now();
+    let mut latest = Duration::ZERO;
+    for (i, s) in sessions.iter().enumerate() {
+        assert_eq!(
+            keys_in_redis(a),
+            format!(":{}\r\n", 6 - i),
+            "a record went before B refused its token (purge not held back?)"
+        );
+        loop {
+            let sent = acked.elapsed();
+            let status = b.verify_status(&s.token).await;
+            if status == StatusCode::UNAUTHORIZED {
+                latest = latest.max(sent);
+                break;
+            }
+            // 503 (a stale copy on a starved machine) refuses too; keep polling.
+            assert!(
+                status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
+                "B answered {status}"
+            );
+            assert!(
+                acked.elapsed() < Duration::from_secs(30),
+                "B still accepts a pre-cutoff token 30 s after the logout-all"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            keys_in_redis(a),
+            format!(":{}\r\n", 5 - i),
+            "B's refusal did not find the record dead by the cutoff"
+        );
+    }
+    assert!(
+        latest <= Duration::from_secs(1),
+        "B accepted a pre-cutoff token {latest:?} after the logout-all was acknowledged"
+    );
     // New logins work on both.
-    let fresh = b.create("carol", "laptop").await;
+    let fresh = b.create("carol-0", "laptop").await;
     assert_eq!(a.verify_status(&fresh.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn logout_all_reaches_the_other_instance_without_pubsub() {
-    let (a, b) = pair().await;
-    let s = b.create("dan", "laptop").await;
-    // Cut every pub/sub connection: only the periodic re-read is left (the
-    // listener reconnects after a while, but not within this test's window).
-    a.redis_cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
-    assert_eq!(a.logout_all().await.status(), StatusCode::OK);
-    eventually(Duration::from_secs(1), || async {
-        b.verify_status(&s.token).await == StatusCode::UNAUTHORIZED
+/// The pub/sub path alone: B's periodic re-read is 30 s away, so only the
+/// event pushed by A can carry the cutoff within the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_all_reaches_the_other_instance_by_pubsub_within_a_second() {
+    let a = spawn_app_with(&[("LOGOUT_ALL_PURGE_DELAY", "1h")]).await;
+    let b = spawn_app_on(
+        &a.redis_url,
+        &[
+            ("LOGOUT_ALL_PURGE_DELAY", "1h"),
+            ("STATE_REFRESH_INTERVAL", "30s"),
+            ("STATE_MAX_STALENESS", "60s"),
+        ],
+    )
+    .await;
+    // Both listeners subscribed before the logout-all.
+    eventually(Duration::from_secs(10), || async {
+        event_subscribers(&a).ends_with(":2\r\n")
     })
     .await;
+    cutoff_alone_reaches(&a, &b).await;
+}
+
+/// The periodic re-read alone: B connects as a Redis user that may not
+/// SUBSCRIBE, so it never hears an event; its re-read every 200 ms must
+/// carry the cutoff within the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_all_reaches_the_other_instance_without_pubsub() {
+    let a = spawn_app_with(&[("LOGOUT_ALL_PURGE_DELAY", "1h")]).await;
+    let acl = a.redis_cmd(&[
+        "ACL",
+        "SETUSER",
+        "nosub",
+        "on",
+        ">nosub-password-0123456789",
+        "~*",
+        "&*",
+        "+@all",
+        "-subscribe",
+        "-psubscribe",
+        "-ssubscribe",
+    ]);
+    assert_eq!(acl, "+OK\r\n");
+    let url = a
+        .redis_url
+        .replace("redis://", "redis://nosub:nosub-password-0123456789@");
+    let b = spawn_app_on(
+        &url,
+        &[
+            ("LOGOUT_ALL_PURGE_DELAY", "1h"),
+            ("STATE_REFRESH_INTERVAL", "200ms"),
+            ("STATE_MAX_STALENESS", "1s"),
+        ],
+    )
+    .await;
+    // B tried to subscribe and was refused; A is the only subscriber.
+    eventually(Duration::from_secs(10), || async {
+        let refused = a
+            .redis_cmd(&["INFO", "commandstats"])
+            .lines()
+            .find(|l| l.starts_with("cmdstat_subscribe:"))
+            .and_then(|l| {
+                l.split(',')
+                    .find_map(|kv| kv.strip_prefix("rejected_calls="))
+            })
+            .is_some_and(|n| n.trim().parse::<u64>().unwrap_or(0) > 0);
+        refused && event_subscribers(&a).ends_with(":1\r\n")
+    })
+    .await;
+    cutoff_alone_reaches(&a, &b).await;
 }
 
 #[tokio::test]
@@ -149,4 +260,129 @@ async fn concurrent_verifiers_never_pass_after_an_acknowledged_logout() {
     }
     assert!(before_ok > 0, "the verifiers never saw the live session");
     assert!(after > 0, "no request was sent after the logout");
+}
+
+/// Calls of `HMGET` (the global state read) Redis served so far.
+fn state_reads(app: &TestApp) -> u64 {
+    app.command_counts().get("hmget").copied().unwrap_or(0)
+}
+
+/// Rotates on `app` and waits for the read its own event wakes there (its
+/// listener, the only subscriber, is subscribed first).
+async fn rotate_and_settle(app: &TestApp) -> String {
+    eventually(Duration::from_secs(30), || async {
+        event_subscribers(app).ends_with(":1\r\n")
+    })
+    .await;
+    let reads = state_reads(app);
+    let res = app.rotate_keys().await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let kid = res.json::<Value>().await.unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(Duration::from_secs(30), || async {
+        state_reads(app) > reads
+    })
+    .await;
+    kid
+}
+
+/// `token` with its header's kid replaced (the signature no longer fits).
+fn with_kid(token: &str, kid: &str) -> String {
+    let (header, rest) = token.split_once('.').unwrap();
+    let mut json: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
+    json["kid"] = Value::String(kid.to_string());
+    format!("{}.{rest}", URL_SAFE_NO_PAD.encode(json.to_string()))
+}
+
+/// A rotation made on A that B has not heard of (B may not SUBSCRIBE and
+/// re-reads only every 120 s): a token A signs with the new kid verifies on
+/// B at once, B reading the global state once for it, and once for 20
+/// concurrent requests; a token of an unseen kid whose signature does not
+/// check out costs B no read and no script call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_a_kid_rotated_in_elsewhere_verifies_at_once() {
+    let a = spawn_app_with(&[
+        ("STATE_REFRESH_INTERVAL", "120s"),
+        ("STATE_MAX_STALENESS", "240s"),
+    ])
+    .await;
+    a.redis_cmd(&[
+        "ACL",
+        "SETUSER",
+        "nosub",
+        "on",
+        ">nosub-password-0123456789",
+        "~*",
+        "&*",
+        "+@all",
+        "-subscribe",
+        "-psubscribe",
+        "-ssubscribe",
+    ]);
+    // B's Redis traffic goes through a proxy, so its replies can be slowed
+    // enough for concurrent requests to overlap.
+    let port: u16 = a
+        .redis_url
+        .trim_start_matches("redis://127.0.0.1:")
+        .trim_end_matches("/0")
+        .parse()
+        .unwrap();
+    let proxy = FaultProxy::for_port(port).await;
+    let url = format!("redis://nosub:nosub-password-0123456789@{}/0", proxy.addr());
+    let b = Arc::new(
+        spawn_app_on(
+            &url,
+            &[
+                ("STATE_REFRESH_INTERVAL", "120s"),
+                ("STATE_MAX_STALENESS", "240s"),
+                ("REDIS_TIMEOUT", "5s"),
+            ],
+        )
+        .await,
+    );
+    let before = b.create("gina", "laptop").await;
+    assert_eq!(b.verify_status(&before.token).await, StatusCode::OK);
+
+    let new_kid = rotate_and_settle(&a).await;
+    let fresh = a.create("gina", "phone").await;
+    assert_eq!(kid_of(&fresh.token), new_kid);
+    // A bad signature under the unseen kid: no read, no script call.
+    let reads = state_reads(&a);
+    let scripts = a.command_counts().get("evalsha").copied().unwrap_or(0);
+    let forged = with_kid(&before.token, &new_kid);
+    assert_eq!(b.verify_status(&forged).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(state_reads(&a), reads, "a bad signature made B re-read");
+    assert_eq!(
+        a.command_counts().get("evalsha").copied().unwrap_or(0),
+        scripts
+    );
+    // The fresh token: at once, one read.
+    assert_eq!(b.verify_status(&fresh.token).await, StatusCode::OK);
+    assert_eq!(state_reads(&a), reads + 1, "B's reads for the unseen kid");
+    // B signs with it now too.
+    assert_eq!(kid_of(&b.create("gina", "tablet").await.token), new_kid);
+
+    // Again, with 20 concurrent requests overlapping (every reply to B
+    // held 300 ms): still one read.
+    let newer_kid = rotate_and_settle(&a).await;
+    let fresh = a.create("gina", "desk").await;
+    assert_eq!(kid_of(&fresh.token), newer_kid);
+    let reads = state_reads(&a);
+    proxy.delay(Duration::from_millis(300));
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let b = b.clone();
+        let token = fresh.token.clone();
+        tasks.push(tokio::spawn(async move { b.verify_status(&token).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(
+        state_reads(&a),
+        reads + 1,
+        "B's reads for 20 concurrent requests"
+    );
 }

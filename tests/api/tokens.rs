@@ -1093,3 +1093,187 @@ async fn a_valid_token_costs_exactly_one_script_call_per_verify() {
         "EVALSHA for a cookie verify"
     );
 }
+
+// --- retired key ids ---------------------------------------------------------------
+
+/// Every command Redis counted, but the test's own `INFO`.
+fn every_command(app: &TestApp) -> HashMap<String, u64> {
+    let mut counts = app.command_counts();
+    counts.remove("info");
+    counts
+}
+
+/// When `kid` retires, from the ring in Redis (ms), if it is still listed.
+fn retire_at(app: &TestApp, kid: &str) -> Option<i64> {
+    let reply = app.redis_cmd(&["HGET", "sg:global", "ring"]);
+    let json = reply.lines().nth(1).expect("the ring is stored");
+    let ring: Value = serde_json::from_str(json).unwrap();
+    ring["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == kid)
+        .map(|k| k["retire_at"].as_i64().unwrap())
+}
+
+/// Rotates the key on `app` and waits for the refresher's read that the
+/// rotation's event wakes, so it cannot land inside a later measurement.
+async fn rotate_and_settle(app: &TestApp) -> String {
+    // Its listener is subscribed, so the rotation's event wakes a read.
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        app.redis_cmd(&["PUBSUB", "NUMSUB", "sg:events"])
+            .ends_with(":1\r\n")
+    })
+    .await;
+    let reads = app.command_counts().get("hmget").copied().unwrap_or(0);
+    let res = app.rotate_keys().await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let kid = res.json::<Value>().await.unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        app.command_counts().get("hmget").copied().unwrap_or(0) > reads
+    })
+    .await;
+    kid
+}
+
+/// A token of `kid` for `real`'s session, correctly signed, that stays
+/// within `exp` for 15 s: `iat` 4 s ahead (the leeway is 5 s) and `exp` the
+/// longest the 1 s lifetime allows (`iat` + lifetime + leeway).
+fn long_lived_twin(real: &str, kid: &str, sid: Option<String>) -> String {
+    let mut header = header_of(real);
+    header.insert("kid".into(), json!(kid));
+    let mut claims = claims_of(real);
+    let iat = now_s() + 4;
+    claims.insert("iat".into(), json!(iat));
+    claims.insert("exp".into(), json!(iat + 6));
+    if let Some(sid) = sid {
+        claims.insert("sid".into(), json!(sid));
+    }
+    sign(&header, &claims, kid)
+}
+
+/// With a 1 s lifetime a rotated-out kid retires 7 s later (lifetime +
+/// leeway + 1 s). Its tokens are then refused in-process with not a single
+/// Redis command (the refresher runs every 120 s and its woken reads are
+/// waited out): a token verified while the kid was valid (so in the
+/// verified-token cache) and one never seen, both before and after a second
+/// rotation drops the kid from the ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_kid_is_refused_without_redis_even_when_cached() {
+    let app = crate::helpers::spawn_app_with(&[
+        ("ABSOLUTE_LIFETIME", "1s"),
+        ("STATE_REFRESH_INTERVAL", "120s"),
+        ("STATE_MAX_STALENESS", "240s"),
+    ])
+    .await;
+    let s = app.create("alice", "laptop").await;
+    // Loads the script (the 1 s session may already be gone on a slow machine).
+    send_verify(&app, &s.token, "first verify").await;
+    let old_kid = kid_of(&s.token);
+    let cached = long_lived_twin(&s.token, &old_kid, None);
+    // It passes every in-process check (one script call), so it is cached.
+    let before = every_command(&app);
+    send_verify(&app, &cached, "cached twin").await;
+    assert_eq!(
+        delta(&before, &every_command(&app), "evalsha"),
+        1,
+        "the twin did not reach Redis while its kid was valid"
+    );
+
+    let new_kid = rotate_and_settle(&app).await;
+    let retires = retire_at(&app, &old_kid).expect("the old kid is retiring");
+    assert!(retires > 0);
+    // Still valid until then: a hit in the cache still reaches Redis.
+    let before = every_command(&app);
+    send_verify(&app, &cached, "cached twin, kid retiring").await;
+    if crate::helpers::now_ms_wall() < retires {
+        assert_eq!(delta(&before, &every_command(&app), "evalsha"), 1);
+    }
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        crate::helpers::now_ms_wall() > retires + 100
+    })
+    .await;
+
+    let unseen = || long_lived_twin(&s.token, &old_kid, Some(fresh_session_id("alice")));
+    for (what, token) in [("cached twin", cached.clone()), ("unseen twin", unseen())] {
+        let before = every_command(&app);
+        assert_refused_without_redis(&app, &token, what).await;
+        assert_eq!(
+            before,
+            every_command(&app),
+            "{what}: Redis was called for a retired kid"
+        );
+    }
+
+    // A second rotation drops the retired kid from the ring altogether.
+    let newest = rotate_and_settle(&app).await;
+    assert_ne!(newest, new_kid);
+    assert_eq!(
+        retire_at(&app, &old_kid),
+        None,
+        "the retired kid is still listed"
+    );
+    for (what, token) in [
+        ("cached twin, kid dropped", cached.clone()),
+        ("unseen twin, kid dropped", unseen()),
+    ] {
+        let before = every_command(&app);
+        assert_refused_without_redis(&app, &token, what).await;
+        assert_eq!(
+            before,
+            every_command(&app),
+            "{what}: Redis was called for a retired kid"
+        );
+    }
+    // The retiring kid still verifies: one script call.
+    let fresh = app.create("alice", "phone").await;
+    assert_eq!(kid_of(&fresh.token), newest);
+    let before = every_command(&app);
+    send_verify(
+        &app,
+        &long_lived_twin(&fresh.token, &new_kid, None),
+        "kid 2",
+    )
+    .await;
+    assert_eq!(delta(&before, &every_command(&app), "evalsha"), 1);
+}
+
+/// A well-formed kid no ring of this deployment ever held, correctly signed
+/// with the key derived for it (what a rotation made elsewhere would look
+/// like): the first token costs one read of the global state (the refresh
+/// that could have found a new kid), then the kid is known to be foreign
+/// and refused with no Redis command at all. Never a script call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correctly_signed_foreign_kid_costs_one_state_read_then_none() {
+    let app = crate::helpers::spawn_app_with(&[
+        ("STATE_REFRESH_INTERVAL", "120s"),
+        ("STATE_MAX_STALENESS", "240s"),
+    ])
+    .await;
+    let s = live_session(&app, "alice", "laptop").await;
+    let foreign = "Zm9yZWlnbi1raWQx";
+    assert_eq!(foreign.len(), 16);
+    let token = forge_header(&s.token, |h| {
+        h.insert("kid".into(), json!(foreign));
+    });
+    let token = sign(&header_of(&token), &claims_of(&token), foreign);
+    let before = every_command(&app);
+    assert_error(
+        send_verify(&app, &token, "foreign kid").await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_token",
+    )
+    .await;
+    let after = every_command(&app);
+    assert_eq!(delta(&before, &after, "hmget"), 1, "the one state read");
+    assert_eq!(delta(&before, &after, "evalsha"), 0, "a script call");
+    for i in 0..3 {
+        let before = every_command(&app);
+        assert_refused_without_redis(&app, &token, "foreign kid again").await;
+        assert_eq!(before, every_command(&app), "foreign kid, try {i}");
+    }
+    assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
+}
