@@ -12,6 +12,13 @@
 //! bounded in size and time, so it never queues ahead of verifies.
 //!
 //! Every call is bounded by `redis_timeout`: pool wait, connect and reply.
+//!
+//! Replies are matched to requests, not trusted by order: every script call
+//! carries a nonce (a per-process counter) as its last argument and every
+//! script echoes it first. A reply without the caller's nonce (stale,
+//! duplicated or crossed on the pipelined connection) fails the call with
+//! [`StoreError::Protocol`] (a 503), is counted in
+//! `sessiongate_redis_reply_mismatch_total`, and drops the connection.
 
 pub mod keys;
 
@@ -24,7 +31,7 @@ use deadpool_redis::{Manager, Pool, Runtime};
 use redis::aio::MultiplexedConnection;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, FromRedisValue, Script, ScriptInvocation, Value};
+use redis::{AsyncConnectionConfig, FromRedisValue, Script, Value};
 
 use crate::domain::{DeviceId, SessionId, UserId, UserTag};
 use crate::metrics::Metrics;
@@ -45,6 +52,18 @@ const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
 
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// The nonce of the next script call (unique within the process, which is
+/// enough: a connection carries one process's requests).
+static NEXT_NONCE: AtomicU64 = AtomicU64::new(1);
+
+/// `EVALSHA <sha> 1 <key>`; the caller adds the script's arguments, then
+/// [`Store::run_script`] adds the nonce.
+fn evalsha(script: &Script, key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(1).arg(key);
+    cmd
+}
 
 /// A connection to a single Redis or to a Redis Cluster. Both are
 /// multiplexed and cheap to clone; the cluster one routes each script by its
@@ -234,6 +253,7 @@ struct Scripts {
     reauth: Script,
     list: Script,
     global: Script,
+    read: Script,
     probe: Script,
 }
 
@@ -322,6 +342,7 @@ impl Store {
                 reauth: script!("reauth.lua"),
                 list: script!("list.lua"),
                 global: script!("global.lua"),
+                read: Script::new(include_str!("lua/read.lua")),
                 probe: Script::new(include_str!("lua/probe.lua")),
             },
             metrics,
@@ -433,8 +454,14 @@ impl Store {
     }
 
     /// Runs `op` on this thread's connection, bounded by the timeout, and
-    /// keeps the connection's health books.
-    async fn call<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    /// keeps the connection's health books. A reply failing `matches` (not
+    /// the answer to this request) fails the call and drops the connection:
+    /// its replies can no longer be matched to requests.
+    async fn call<T, F, Fut>(
+        &self,
+        op: F,
+        matches: impl FnOnce(&T) -> bool,
+    ) -> Result<T, StoreError>
     where
         F: FnOnce(Connection) -> Fut,
         Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
@@ -444,13 +471,21 @@ impl Store {
         let attempt = async {
             let (generation, conn) = self.connection().await?;
             used.store(generation, Ordering::Relaxed);
-            op(conn).await.map_err(|e| {
+            let reply = op(conn).await.map_err(|e| {
                 let err = StoreError::from_redis(&e);
                 if matches!(err, StoreError::Connection(_)) || e.is_unrecoverable_error() {
                     self.forget_connection(generation);
                 }
                 err
-            })
+            })?;
+            if !matches(&reply) {
+                self.forget_connection(generation);
+                self.metrics.reply_mismatch.inc();
+                return Err(StoreError::Protocol(
+                    "a reply for another request (nonce mismatch)".into(),
+                ));
+            }
+            Ok(reply)
         };
         let result = match tokio::time::timeout(self.timeout, attempt).await {
             Ok(result) => result,
@@ -471,41 +506,44 @@ impl Store {
     }
 
     /// Runs an `EVALSHA` command built in one go (no intermediate
-    /// `ScriptInvocation` copies: the hot path), loading the script when
-    /// Redis does not know it (first use, or after a restart).
-    async fn run_evalsha<T: FromRedisValue>(
+    /// `ScriptInvocation` copies: the hot path) with a fresh nonce as its
+    /// last argument, loading the script when Redis does not know it (first
+    /// use, or after a restart). Returns the reply after its echoed nonce.
+    async fn run_script(
         &self,
         script: &Script,
-        cmd: &redis::Cmd,
-    ) -> Result<T, StoreError> {
-        self.call(|mut conn| async move {
-            match cmd.query_async::<T>(&mut conn).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    script.load_async(&mut conn).await?;
-                    cmd.query_async(&mut conn).await
-                }
-                other => other,
-            }
-        })
-        .await
-    }
-
-    /// Runs one script invocation, bounded in time.
-    async fn run<T: FromRedisValue>(
-        &self,
-        invocation: &ScriptInvocation<'_>,
-    ) -> Result<T, StoreError> {
-        self.call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await
+        mut cmd: redis::Cmd,
+    ) -> Result<std::vec::IntoIter<Value>, StoreError> {
+        let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
+        cmd.arg(nonce);
+        let cmd = &cmd;
+        let reply: Vec<Value> = self
+            .call(
+                |mut conn| async move {
+                    match cmd.query_async::<Vec<Value>>(&mut conn).await {
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                        {
+                            script.load_async(&mut conn).await?;
+                            cmd.query_async(&mut conn).await
+                        }
+                        other => other,
+                    }
+                },
+                |reply| is_nonce(reply.first(), nonce),
+            )
+            .await?;
+        let mut it = reply.into_iter();
+        it.next();
+        Ok(it)
     }
 
     /// The hot path: one EVALSHA confirming a session. `touch_ms` < 0 never
     /// writes; `max_auth_age_ms` < 0 skips the password-age check (a session
     /// failing it is reported, and not slid). The reply must echo this
-    /// session's field and device, else the connection is dropped and the
-    /// call fails (a reply is never trusted for another request).
+    /// call's nonce, else the connection is dropped and the call fails (a
+    /// reply is never trusted for another request).
     #[allow(clippy::too_many_arguments)]
     pub async fn verify(
         &self,
@@ -516,34 +554,18 @@ impl Store {
         max_auth_age_ms: i64,
         full: bool,
     ) -> Result<Option<LiveSession>, StoreError> {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.scripts.verify.get_hash())
-            .arg(1)
-            .arg(self.keys.user_of(session))
-            .arg(session.field())
+        let mut cmd = evalsha(&self.scripts.verify, &self.keys.user_of(session));
+        cmd.arg(session.field())
             .arg(device.as_str())
             .arg(live.idle_ms)
             .arg(touch_ms)
             .arg(live.cutoff_ms)
             .arg(if full { "1" } else { "0" })
             .arg(max_auth_age_ms);
-        let reply: Vec<Value> = self.run_evalsha(&self.scripts.verify, &cmd).await?;
-        let mut it = reply.into_iter();
+        let mut it = self.run_script(&self.scripts.verify, cmd).await?;
         let status = int(it.next())?;
         if status == 0 {
             return Ok(None);
-        }
-        let (field, device_id, age) = (it.next(), it.next(), it.next());
-        if !same_text(&field, session.field())
-            || !same_text(&device_id, device.as_str())
-            || !same_int(&age, max_auth_age_ms)
-        {
-            // Replies on this connection can no longer be matched to
-            // requests: drop it.
-            LOCAL_CONNECTIONS.with(|c| c.borrow_mut().retain(|l| l.store != self.id));
-            let err = StoreError::Protocol("verify reply for another session".into());
-            self.metrics.redis_error(err.kind());
-            return Err(err);
         }
         let record = if full {
             Some(SessionRecord {
@@ -565,9 +587,11 @@ impl Store {
     }
 
     pub async fn create(&self, new: NewSession<'_>, live: Liveness) -> Result<Created, StoreError> {
-        let mut inv = self.scripts.create.prepare_invoke();
-        inv.key(self.keys.user(&new.session.user_tag()))
-            .arg(new.session.field())
+        let mut cmd = evalsha(
+            &self.scripts.create,
+            &self.keys.user(&new.session.user_tag()),
+        );
+        cmd.arg(new.session.field())
             .arg(new.user.as_str())
             .arg(new.device.as_str())
             .arg(new.auth_time_ms.map(|t| t.to_string()).unwrap_or_default())
@@ -576,13 +600,13 @@ impl Store {
             .arg(new.absolute_ms)
             .arg(new.max_per_user)
             .arg(live.cutoff_ms);
-        let (created_ms, expires_ms, auth_time_ms, replaced, evicted) = self.run(&inv).await?;
+        let mut it = self.run_script(&self.scripts.create, cmd).await?;
         Ok(Created {
-            created_ms,
-            expires_ms,
-            auth_time_ms,
-            replaced,
-            evicted,
+            created_ms: int(it.next())?,
+            expires_ms: int(it.next())?,
+            auth_time_ms: int(it.next())?,
+            replaced: int(it.next())?,
+            evicted: int(it.next())?,
         })
     }
 
@@ -593,16 +617,25 @@ impl Store {
         which: Revoke<'_>,
         live: Liveness,
     ) -> Result<u64, StoreError> {
-        let mut inv = self.scripts.revoke.prepare_invoke();
-        inv.key(self.keys.user(user));
+        self.revoke_key(&self.keys.user(user), which, live).await
+    }
+
+    async fn revoke_key(
+        &self,
+        key: &str,
+        which: Revoke<'_>,
+        live: Liveness,
+    ) -> Result<u64, StoreError> {
+        let mut cmd = evalsha(&self.scripts.revoke, key);
         match which {
-            Revoke::One(field) => inv.arg("one").arg(field),
-            Revoke::AllExcept(keep) => inv.arg("except").arg(keep.unwrap_or("")),
-            Revoke::Device(device) => inv.arg("device").arg(device),
-            Revoke::CreatedBefore(ms) => inv.arg("before").arg(ms),
+            Revoke::One(field) => cmd.arg("one").arg(field),
+            Revoke::AllExcept(keep) => cmd.arg("except").arg(keep.unwrap_or("")),
+            Revoke::Device(device) => cmd.arg("device").arg(device),
+            Revoke::CreatedBefore(ms) => cmd.arg("before").arg(ms),
         };
-        inv.arg(live.idle_ms).arg(live.cutoff_ms);
-        self.run(&inv).await
+        cmd.arg(live.idle_ms).arg(live.cutoff_ms);
+        let mut it = self.run_script(&self.scripts.revoke, cmd).await?;
+        Ok(int(it.next())?.max(0) as u64)
     }
 
     /// Records a fresh password check; `None` when the session is not alive.
@@ -611,14 +644,13 @@ impl Store {
         session: &SessionId,
         live: Liveness,
     ) -> Result<Option<i64>, StoreError> {
-        let mut inv = self.scripts.reauth.prepare_invoke();
-        inv.key(self.keys.user(&session.user_tag()))
-            .arg(session.field())
+        let mut cmd = evalsha(&self.scripts.reauth, &self.keys.user(&session.user_tag()));
+        cmd.arg(session.field())
             .arg(live.idle_ms)
             .arg(live.cutoff_ms);
-        let reply: Vec<i64> = self.run(&inv).await?;
-        Ok(match reply.as_slice() {
-            [1, auth_ms] => Some(*auth_ms),
+        let mut it = self.run_script(&self.scripts.reauth, cmd).await?;
+        Ok(match int(it.next())? {
+            1 => Some(int(it.next())?),
             _ => None,
         })
     }
@@ -629,16 +661,13 @@ impl Store {
         user: &UserTag,
         live: Liveness,
     ) -> Result<Vec<SessionRecord>, StoreError> {
-        let mut inv = self.scripts.list.prepare_invoke();
-        inv.key(self.keys.user(user))
-            .arg(live.idle_ms)
-            .arg(live.cutoff_ms);
-        let reply: Vec<Value> = self.run(&inv).await?;
-        if !reply.len().is_multiple_of(7) {
+        let mut cmd = evalsha(&self.scripts.list, &self.keys.user(user));
+        cmd.arg(live.idle_ms).arg(live.cutoff_ms);
+        let mut it = self.run_script(&self.scripts.list, cmd).await?;
+        if !it.len().is_multiple_of(7) {
             return Err(StoreError::Protocol("list reply of odd length".into()));
         }
-        let mut out = Vec::with_capacity(reply.len() / 7);
-        let mut it = reply.into_iter();
+        let mut out = Vec::with_capacity(it.len() / 7);
         while let Some(field) = it.next() {
             out.push(SessionRecord {
                 field: text(Some(field))?,
@@ -656,49 +685,54 @@ impl Store {
 
     /// Applies an operation to the global state and returns it.
     pub async fn global(&self, op: GlobalOp<'_>) -> Result<GlobalRecord, StoreError> {
-        let mut inv = self.scripts.global.prepare_invoke();
-        inv.key(self.keys.global());
+        let mut cmd = evalsha(&self.scripts.global, self.keys.global());
         match op {
-            GlobalOp::Init { kid } => inv.arg("init").arg(kid).arg(0),
+            GlobalOp::Init { kid } => cmd.arg("init").arg(kid).arg(0),
             GlobalOp::Rotate {
                 kid,
                 retire_after_ms,
-            } => inv.arg("rotate").arg(kid).arg(retire_after_ms),
-            GlobalOp::Cutoff { at_ms } => inv
+            } => cmd.arg("rotate").arg(kid).arg(retire_after_ms),
+            GlobalOp::Cutoff { at_ms } => cmd
                 .arg("cutoff")
                 .arg(at_ms.map(|t| t.to_string()).unwrap_or_default())
                 .arg(0),
         };
-        inv.arg(self.keys.events());
-        let (cutoff_ms, ring_json, now_ms) = self.run(&inv).await?;
+        cmd.arg(self.keys.events());
+        let mut it = self.run_script(&self.scripts.global, cmd).await?;
         Ok(GlobalRecord {
-            cutoff_ms,
-            ring_json,
-            now_ms,
+            cutoff_ms: int(it.next())?,
+            ring_json: text(it.next())?,
+            now_ms: int(it.next())?,
         })
     }
 
     /// Reads the global state without changing it: `(cutoff, ring)`.
     pub async fn read_global(&self) -> Result<(Option<i64>, Option<String>), StoreError> {
-        let key = self.keys.global();
-        self.call(|mut conn| async move {
-            redis::cmd("HMGET")
-                .arg(key)
-                .arg("cutoff")
-                .arg("ring")
-                .query_async(&mut conn)
-                .await
-        })
-        .await
+        let cmd = evalsha(&self.scripts.read, self.keys.global());
+        let mut it = self.run_script(&self.scripts.read, cmd).await?;
+        let cutoff = match it.next() {
+            Some(Value::Nil) | None => None,
+            Some(v) => Some(
+                i64::from_redis_value(v)
+                    .map_err(|e| StoreError::Protocol(format!("global cutoff: {e}")))?,
+            ),
+        };
+        let ring = match it.next() {
+            Some(Value::Nil) | None => None,
+            v => Some(text(v)?),
+        };
+        Ok((cutoff, ring))
     }
 
     /// The readiness probe: a script issuing a write command that changes
     /// nothing (see `lua/probe.lua`), so Redis says whether it would take
     /// the service's scripts and writes.
     pub async fn probe(&self) -> Result<(), StoreError> {
-        let mut inv = self.scripts.probe.prepare_invoke();
-        inv.key(format!("{}readyz-probe", self.keys.prefix()));
-        self.run::<i64>(&inv).await.map(|_| ())
+        let cmd = evalsha(
+            &self.scripts.probe,
+            &format!("{}readyz-probe", self.keys.prefix()),
+        );
+        self.run_script(&self.scripts.probe, cmd).await.map(|_| ())
     }
 
     /// Deletes every session created at or before `cutoff_ms`, in bounded
@@ -737,13 +771,9 @@ impl Store {
                 .await
                 .unwrap_or(Err(StoreError::Timeout(self.timeout)))?;
             for key in keys {
-                let mut inv = self.scripts.revoke.prepare_invoke();
-                inv.key(&key)
-                    .arg("before")
-                    .arg(cutoff_ms)
-                    .arg(live.idle_ms)
-                    .arg(live.cutoff_ms);
-                removed += self.run::<u64>(&inv).await?;
+                removed += self
+                    .revoke_key(&key, Revoke::CreatedBefore(cutoff_ms), live)
+                    .await?;
             }
             if next == 0 {
                 return Ok(removed);
@@ -771,25 +801,15 @@ impl Store {
     }
 }
 
-/// Whether a reply element is this integer, sent back as text (no allocation).
-fn same_int(v: &Option<Value>, expected: i64) -> bool {
+/// Whether a reply element is this nonce, echoed as text (no allocation).
+fn is_nonce(v: Option<&Value>, nonce: u64) -> bool {
     match v {
         Some(Value::BulkString(bytes)) => {
             std::str::from_utf8(bytes)
                 .ok()
-                .and_then(|t| t.parse::<i64>().ok())
-                == Some(expected)
+                .and_then(|t| t.parse::<u64>().ok())
+                == Some(nonce)
         }
-        Some(Value::Int(n)) => *n == expected,
-        _ => false,
-    }
-}
-
-/// Whether a reply element is exactly this text (no allocation).
-fn same_text(v: &Option<Value>, expected: &str) -> bool {
-    match v {
-        Some(Value::BulkString(bytes)) => bytes.as_slice() == expected.as_bytes(),
-        Some(Value::SimpleString(s)) => s == expected,
         _ => false,
     }
 }
