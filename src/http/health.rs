@@ -1,6 +1,6 @@
 //! Liveness, readiness, metrics and the OpenAPI document.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
@@ -18,11 +18,19 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Status { status: "ok" })
 }
 
+/// What `/readyz` tells a caller without an admin key when not ready:
+/// Redis's own words (which may name keys, users or its configuration) go
+/// to the log and to admins only.
+pub const NOT_READY_GENERIC: &str = "the session store is unavailable";
+
 /// Redis takes the service's scripts and writes, and the global state is
-/// fresh; otherwise 503 with the reason.
+/// fresh; otherwise 503, with the reason for admin-key callers only.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Status), (status = 503, body = ErrorBody)))]
-pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn readyz(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let service = &state.service;
     let ready = match service.store().probe().await {
         Ok(()) => service.global().snapshot().map(|_| ()),
@@ -32,7 +40,11 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         Ok(()) => Ok(HttpResponse::Ok().json(Status { status: "ready" })),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
-            Err(ApiError::NotReady(e.to_string()))
+            if super::extract::holds_admin_key(&req) {
+                Err(ApiError::NotReady(e.to_string()))
+            } else {
+                Err(ApiError::NotReady(NOT_READY_GENERIC.into()))
+            }
         }
     }
 }

@@ -201,16 +201,19 @@ fn fill_to_the_limit(redis: &TestRedis) {
     assert!(redis.cmd(&["SET", "probe", "x"]).starts_with("-OOM"));
 }
 
-/// `/readyz` must say the store is not usable, and why (Redis's words).
+/// `/readyz` must say the store is not usable: why (Redis's words) to an
+/// admin-key caller only, a generic reason to anyone else.
 async fn assert_not_ready(app: &TestApp, case: &str, why: &str) {
-    let res = app
-        .request(reqwest::Method::GET, "/readyz")
-        .send()
-        .await
-        .unwrap();
+    let res = app.admin(Method::GET, "/readyz").send().await.unwrap();
     let body = assert_error(res, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").await;
     let message = body["message"].as_str().unwrap();
     assert!(message.contains(why), "{case}: /readyz said {message:?}");
+    let res = app.request(Method::GET, "/readyz").send().await.unwrap();
+    let body = assert_error(res, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").await;
+    assert_eq!(
+        body["message"], "not ready: the session store is unavailable",
+        "{case}: anonymous /readyz"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

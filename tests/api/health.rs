@@ -49,6 +49,59 @@ async fn healthz_and_readyz_answer_200_with_redis_up() {
     );
 }
 
+/// When Redis refuses the service's writes, `/readyz` gives Redis's own
+/// words (here `NOREPLICAS`) to admin-key callers only; anonymous callers,
+/// the login backend's key and a wrong key get a generic reason. The cause
+/// is still counted in the metrics.
+#[tokio::test]
+async fn readyz_tells_redis_own_error_to_admin_key_callers_only() {
+    let app = spawn_app().await;
+    assert_eq!(get(&app, "/readyz").await.status(), StatusCode::OK);
+    assert_eq!(
+        app.redis_cmd(&["CONFIG", "SET", "min-replicas-to-write", "1"]),
+        "+OK\r\n"
+    );
+    let generic = "not ready: the session store is unavailable";
+    let callers: [(&str, Option<&str>); 4] = [
+        ("anonymous", None),
+        ("issuer key", Some(ISSUER_KEY)),
+        (
+            "wrong key",
+            Some("not-a-key-0123456789abcdef0123456789abcd"),
+        ),
+        ("admin key", Some(ADMIN_KEY)),
+    ];
+    for (who, key) in callers {
+        let mut req = app.request(Method::GET, "/readyz");
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        let body = assert_error(
+            req.send().await.unwrap(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+        )
+        .await;
+        let message = body["message"].as_str().unwrap();
+        if who == "admin key" {
+            assert!(message.contains("NOREPLICAS"), "{who}: {message:?}");
+        } else {
+            assert_eq!(message, generic, "{who}");
+            assert!(!body.to_string().contains("NOREPLICAS"), "{who}: {body}");
+        }
+    }
+    let text = metrics_text(&app).await;
+    assert!(
+        sample(&text, r#"sessiongate_redis_errors_total{kind="refused"}"#) >= 4.0,
+        "the refusals are counted"
+    );
+    assert_eq!(
+        app.redis_cmd(&["CONFIG", "SET", "min-replicas-to-write", "0"]),
+        "+OK\r\n"
+    );
+    assert_eq!(get(&app, "/readyz").await.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn readyz_fails_fast_when_redis_dies_while_healthz_stays_up() {
     let app = spawn_app().await;
