@@ -81,26 +81,27 @@ async fn a_users_sessions_share_one_small_listpack_hash() {
     );
 }
 
+/// Every command Redis sees during 20 verifies, refresher paused, nothing
+/// excluded: one EVALSHA each and, inside it, one HGET and one TIME; no
+/// write (HSET, PEXPIREAT) within the touch interval; plus the test's INFO.
 #[tokio::test]
 async fn verify_is_one_round_trip_and_does_not_write_within_the_touch_interval() {
-    let app = spawn_app().await;
+    let app = crate::tokens::spawn_app_with_refresher_paused().await;
     let s = app.create("bob", "laptop").await;
     // Warm up: the first call after start may load the script.
     assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
-    let before = counts(&app);
-    for _ in 0..20 {
-        assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
-    }
-    let after = counts(&app);
-    // One EVALSHA per verify; the script's inner HGETs are not round trips.
-    assert_eq!(delta(&after, &before, "evalsha"), 20);
-    assert_eq!(delta(&after, &before, "eval"), 0);
-    assert_eq!(
-        delta(&after, &before, "hset"),
-        0,
-        "verify wrote within the touch interval"
-    );
-    assert_eq!(delta(&after, &before, "pexpireat"), 0);
+    let seen = crate::tokens::every_command_during(&app, || async {
+        for _ in 0..20 {
+            assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
+        }
+    })
+    .await;
+    let expected: std::collections::HashMap<String, u64> =
+        [("evalsha", 20), ("hget", 20), ("time", 20), ("info", 1)]
+            .into_iter()
+            .map(|(name, n)| (name.to_string(), n))
+            .collect();
+    assert_eq!(seen, expected, "every command during 20 verifies");
 }
 
 #[tokio::test]
