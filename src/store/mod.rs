@@ -519,18 +519,7 @@ impl Store {
         let cmd = &cmd;
         let reply: Vec<Value> = self
             .call(
-                |mut conn| async move {
-                    match cmd.query_async::<Vec<Value>>(&mut conn).await {
-                        Err(e)
-                            if e.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                        {
-                            script.load_async(&mut conn).await?;
-                            cmd.query_async(&mut conn).await
-                        }
-                        other => other,
-                    }
-                },
+                |mut conn| async move { evalsha_loading(&mut conn, script, cmd).await },
                 |reply| is_nonce(reply.first(), nonce),
             )
             .await?;
@@ -626,6 +615,12 @@ impl Store {
         which: Revoke<'_>,
         live: Liveness,
     ) -> Result<u64, StoreError> {
+        let cmd = self.revoke_cmd(key, which, live);
+        let mut it = self.run_script(&self.scripts.revoke, cmd).await?;
+        Ok(int(it.next())?.max(0) as u64)
+    }
+
+    fn revoke_cmd(&self, key: &str, which: Revoke<'_>, live: Liveness) -> redis::Cmd {
         let mut cmd = evalsha(&self.scripts.revoke, key);
         match which {
             Revoke::One(field) => cmd.arg("one").arg(field),
@@ -634,8 +629,7 @@ impl Store {
             Revoke::CreatedBefore(ms) => cmd.arg("before").arg(ms),
         };
         cmd.arg(live.idle_ms).arg(live.cutoff_ms);
-        let mut it = self.run_script(&self.scripts.revoke, cmd).await?;
-        Ok(int(it.next())?.max(0) as u64)
+        cmd
     }
 
     /// Records a fresh password check; `None` when the session is not alive.
@@ -740,6 +734,13 @@ impl Store {
     /// between batches), so a logout-all never blocks Redis. Verify already
     /// refuses those sessions by the cutoff; this only frees memory.
     ///
+    /// All of it runs over the deadpool-redis pool, never over the request
+    /// path's per-thread connections: the purge's commands are not
+    /// pipelined ahead of verifies, and its failures and timeouts are not
+    /// counted against (nor can they replace) a request-path connection.
+    /// A pooled connection that fails, times out or answers out of step is
+    /// taken out of the pool, and the purge stops (records expire by TTL).
+    ///
     /// In Redis Cluster mode `SCAN` would see one node only, so nothing is
     /// purged there: the cutoff refuses the sessions on every instance and
     /// their records expire by TTL.
@@ -747,40 +748,90 @@ impl Store {
         if self.cluster.is_some() {
             return Ok(0);
         }
+        let result = self.purge_on_pool(cutoff_ms, live).await;
+        if let Err(e) = &result {
+            self.metrics.redis_error(e.kind());
+        }
+        result
+    }
+
+    async fn purge_on_pool(&self, cutoff_ms: i64, live: Liveness) -> Result<u64, StoreError> {
         let pattern = self.keys.user_pattern();
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
-            let batch = async {
-                let mut conn = self
-                    .pool
-                    .get()
-                    .await
-                    .map_err(|e| StoreError::Connection(e.to_string()))?;
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(200)
-                    .query_async::<(u64, Vec<String>)>(&mut *conn)
-                    .await
-                    .map_err(|e| StoreError::from_redis(&e))
+            let mut conn = self
+                .bounded(async {
+                    self.pool
+                        .get()
+                        .await
+                        .map_err(|e| StoreError::Connection(e.to_string()))
+                })
+                .await?;
+            let scan = self
+                .bounded(async {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(200)
+                        .query_async::<(u64, Vec<String>)>(&mut *conn)
+                        .await
+                        .map_err(|e| StoreError::from_redis(&e))
+                })
+                .await;
+            let (next, keys) = match scan {
+                Ok(found) => found,
+                Err(e) => {
+                    let _ = deadpool_redis::Connection::take(conn);
+                    return Err(e);
+                }
             };
-            let (next, keys) = tokio::time::timeout(self.timeout, batch)
-                .await
-                .unwrap_or(Err(StoreError::Timeout(self.timeout)))?;
             for key in keys {
-                removed += self
-                    .revoke_key(&key, Revoke::CreatedBefore(cutoff_ms), live)
-                    .await?;
+                let mut cmd = self.revoke_cmd(&key, Revoke::CreatedBefore(cutoff_ms), live);
+                let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
+                cmd.arg(nonce);
+                let reply = self
+                    .bounded(async {
+                        evalsha_loading(&mut *conn, &self.scripts.revoke, &cmd)
+                            .await
+                            .map_err(|e| StoreError::from_redis(&e))
+                    })
+                    .await;
+                let reply = match reply {
+                    Ok(reply) if is_nonce(reply.first(), nonce) => reply,
+                    Ok(_) => {
+                        self.metrics.reply_mismatch.inc();
+                        let _ = deadpool_redis::Connection::take(conn);
+                        return Err(StoreError::Protocol(
+                            "a reply for another request (nonce mismatch)".into(),
+                        ));
+                    }
+                    Err(e) => {
+                        let _ = deadpool_redis::Connection::take(conn);
+                        return Err(e);
+                    }
+                };
+                removed += int(reply.into_iter().nth(1))?.max(0) as u64;
             }
+            drop(conn);
             if next == 0 {
                 return Ok(removed);
             }
             cursor = next;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// `op` bounded by the timeout (for work off the request path).
+    async fn bounded<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, op)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(self.timeout)))
     }
 
     /// A pub/sub connection subscribed to the events channel.
@@ -798,6 +849,22 @@ impl Store {
             Ok(Err(e)) => Err(StoreError::from_redis(&e)),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
+    }
+}
+
+/// Runs an `EVALSHA` command, loading the script when Redis does not know
+/// it (first use, or after a restart), then running it again.
+async fn evalsha_loading<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    script: &Script,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<Vec<Value>> {
+    match cmd.query_async::<Vec<Value>>(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
     }
 }
 
