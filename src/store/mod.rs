@@ -164,6 +164,45 @@ impl StoreError {
     }
 }
 
+/// The Redis settings sessiongate's promises depend on, and the value each
+/// must have (as in the project's `redis.conf`): every acknowledged write is
+/// on disk before the reply (a logout survives a crash), and a full Redis
+/// refuses writes instead of evicting a session record or the cutoff.
+pub const DURABILITY_SETTINGS: [(&str, &str); 3] = [
+    ("appendonly", "yes"),
+    ("appendfsync", "always"),
+    ("maxmemory-policy", "noeviction"),
+];
+
+/// What Redis said about one of [`DURABILITY_SETTINGS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingState {
+    Holds,
+    /// The value Redis has instead.
+    Differs(String),
+    /// `CONFIG GET` refused (an ACL, or a managed Redis renaming CONFIG),
+    /// or not asked (Redis Cluster): why.
+    CannotCheck(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingCheck {
+    pub setting: &'static str,
+    pub expected: &'static str,
+    pub state: SettingState,
+}
+
+impl SettingCheck {
+    /// The `sessiongate_redis_config_ok` value: 1, 0, or -1 (cannot check).
+    pub fn gauge(&self) -> i64 {
+        match self.state {
+            SettingState::Holds => 1,
+            SettingState::Differs(_) => 0,
+            SettingState::CannotCheck(_) => -1,
+        }
+    }
+}
+
 /// A session as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
@@ -834,6 +873,103 @@ impl Store {
             .unwrap_or(Err(StoreError::Timeout(self.timeout)))
     }
 
+    /// Reads [`DURABILITY_SETTINGS`] from Redis (`CONFIG GET`, one pipelined
+    /// round trip over the pool, off the request path), sets the
+    /// `sessiongate_redis_config_ok` gauges and logs a warning for each
+    /// setting that does not hold or cannot be checked: always when
+    /// `log_all`, else only when its state changed since the last check.
+    /// Fails only when Redis cannot be reached; a refused `CONFIG` is a
+    /// result ("cannot check"), not an error.
+    pub async fn check_durability(&self, log_all: bool) -> Result<Vec<SettingCheck>, StoreError> {
+        let checks = if self.cluster.is_some() {
+            DURABILITY_SETTINGS
+                .iter()
+                .map(|&(setting, expected)| SettingCheck {
+                    setting,
+                    expected,
+                    state: SettingState::CannotCheck(
+                        "not checked in Redis Cluster mode: check each node".into(),
+                    ),
+                })
+                .collect()
+        } else {
+            self.read_durability().await?
+        };
+        for check in &checks {
+            let gauge = self.metrics.config_ok.with_label_values(&[check.setting]);
+            let changed = gauge.get() != check.gauge();
+            gauge.set(check.gauge());
+            if !(log_all || changed) {
+                continue;
+            }
+            match &check.state {
+                SettingState::Holds if log_all => {}
+                SettingState::Holds => {
+                    tracing::info!(setting = check.setting, "Redis setting now as expected")
+                }
+                SettingState::Differs(found) => tracing::warn!(
+                    setting = check.setting,
+                    expected = check.expected,
+                    found = %found,
+                    "Redis setting breaks sessiongate's durability promises"
+                ),
+                SettingState::CannotCheck(why) => tracing::warn!(
+                    setting = check.setting,
+                    expected = check.expected,
+                    "cannot check a Redis setting: {why}"
+                ),
+            }
+        }
+        Ok(checks)
+    }
+
+    async fn read_durability(&self) -> Result<Vec<SettingCheck>, StoreError> {
+        let mut pipe = redis::pipe();
+        for (setting, _) in DURABILITY_SETTINGS {
+            pipe.cmd("CONFIG").arg("GET").arg(setting);
+        }
+        let replies = self
+            .bounded(async {
+                let mut conn = self
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|e| StoreError::Connection(e.to_string()))?;
+                pipe.query_async::<Vec<Value>>(&mut *conn)
+                    .await
+                    .map_err(|e| StoreError::from_redis(&e))
+            })
+            .await;
+        let replies = match replies {
+            Ok(replies) => replies.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(StoreError::Refused(why)) => {
+                vec![Err(why); DURABILITY_SETTINGS.len()]
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(DURABILITY_SETTINGS
+            .iter()
+            .zip(replies)
+            .map(|(&(setting, expected), reply)| {
+                let state = match reply {
+                    Err(why) => SettingState::CannotCheck(format!("CONFIG refused ({why})")),
+                    Ok(v) => match config_value(v, setting) {
+                        Some(found) if found.eq_ignore_ascii_case(expected) => SettingState::Holds,
+                        Some(found) => SettingState::Differs(found),
+                        None => SettingState::CannotCheck(
+                            "CONFIG GET did not return the setting".into(),
+                        ),
+                    },
+                };
+                SettingCheck {
+                    setting,
+                    expected,
+                    state,
+                }
+            })
+            .collect())
+    }
+
     /// A pub/sub connection subscribed to the events channel.
     pub async fn subscribe_events(&self) -> Result<redis::aio::PubSub, StoreError> {
         let n = self.next_event_url.fetch_add(1, Ordering::Relaxed) as usize;
@@ -866,6 +1002,25 @@ async fn evalsha_loading<C: redis::aio::ConnectionLike>(
         }
         other => other,
     }
+}
+
+/// The value in a `CONFIG GET <setting>` reply (a flat array, or a map with
+/// RESP3).
+fn config_value(v: Value, setting: &str) -> Option<String> {
+    let pairs: Vec<(Value, Value)> = match v {
+        Value::Array(items) => {
+            let mut it = items.into_iter();
+            std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect()
+        }
+        Value::Map(pairs) => pairs,
+        _ => return None,
+    };
+    pairs.into_iter().find_map(|(k, v)| {
+        let k = String::from_redis_value(k).ok()?;
+        k.eq_ignore_ascii_case(setting)
+            .then(|| String::from_redis_value(v).ok())
+            .flatten()
+    })
 }
 
 /// Whether a reply element is this nonce, echoed as text (no allocation).
