@@ -842,8 +842,10 @@ async fn duplicated_replies_are_refused_never_answered_for_another_request() {
         async move {
             let mut seen = Vec::with_capacity(ROUNDS);
             for _ in 0..ROUNDS {
-                let (status, took) = probe(app, s).await;
-                assert!(took < BOUND, "an answer took {took:?}");
+                // Not timed beyond probe's hang check: what is under test is
+                // whose reply an answer came from (a loaded machine can make
+                // any answer slow).
+                let (status, _) = probe(app, s).await;
                 let right = if alive {
                     StatusCode::OK
                 } else {
