@@ -54,7 +54,8 @@ pub enum ApiError {
     TooManyRequests { retry_after: u64 },
     #[error("the session store is unavailable; try again shortly")]
     StoreUnavailable,
-    /// `/readyz` only: why the store is not usable (Redis's own words).
+    /// `/readyz` only: why the store is not usable (Redis's own words for
+    /// admin-key callers, a generic reason for anyone else).
     #[error("not ready: {0}")]
     NotReady(String),
 }

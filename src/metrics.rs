@@ -11,6 +11,8 @@ use prometheus::{
 pub const VERIFY_TOTAL: &str = "sessiongate_verify_total";
 pub const VERIFY_SECONDS: &str = "sessiongate_verify_duration_seconds";
 pub const REDIS_ERRORS_TOTAL: &str = "sessiongate_redis_errors_total";
+pub const REDIS_REPLY_MISMATCH_TOTAL: &str = "sessiongate_redis_reply_mismatch_total";
+pub const REDIS_CONFIG_OK: &str = "sessiongate_redis_config_ok";
 pub const REDIS_POOL: &str = "sessiongate_redis_pool_connections";
 pub const SESSIONS_CREATED_TOTAL: &str = "sessiongate_sessions_created_total";
 pub const SESSIONS_REVOKED_TOTAL: &str = "sessiongate_sessions_revoked_total";
@@ -54,6 +56,8 @@ pub struct Metrics {
     verify: [IntCounter; 6],
     verify_seconds: Histogram,
     redis_errors: IntCounterVec,
+    pub reply_mismatch: IntCounter,
+    pub config_ok: IntGaugeVec,
     pub pool: IntGaugeVec,
     pub sessions_created: IntCounter,
     pub sessions_revoked: IntCounterVec,
@@ -83,6 +87,19 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid metric");
+        let reply_mismatch = IntCounter::new(
+            REDIS_REPLY_MISMATCH_TOTAL,
+            "Redis replies refused for not echoing their request's nonce (stale, duplicated or crossed); each drops its connection.",
+        )
+        .expect("valid metric");
+        let config_ok = IntGaugeVec::new(
+            Opts::new(
+                REDIS_CONFIG_OK,
+                "Whether a Redis setting the durability promises depend on holds (1), does not (0), or cannot be checked because CONFIG is refused (-1).",
+            ),
+            &["setting"],
+        )
+        .expect("valid metric");
         let pool = IntGaugeVec::new(
             Opts::new(
                 REDIS_POOL,
@@ -107,6 +124,8 @@ impl Metrics {
             Box::new(verify_total) as Box<dyn prometheus::core::Collector>,
             Box::new(verify_seconds.clone()),
             Box::new(redis_errors.clone()),
+            Box::new(reply_mismatch.clone()),
+            Box::new(config_ok.clone()),
             Box::new(pool.clone()),
             Box::new(sessions_created.clone()),
             Box::new(sessions_revoked.clone()),
@@ -119,6 +138,8 @@ impl Metrics {
             verify,
             verify_seconds,
             redis_errors,
+            reply_mismatch,
+            config_ok,
             pool,
             sessions_created,
             sessions_revoked,

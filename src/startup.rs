@@ -83,6 +83,11 @@ impl Application {
         if let Err(e) = global.refresh(&store).await {
             tracing::warn!(error = %e, "Redis not reachable at start; serving 503 until it is");
         }
+        // Warns (and sets sessiongate_redis_config_ok) when Redis's settings
+        // break the durability promises; /readyz re-checks.
+        if let Err(e) = store.check_durability(true).await {
+            tracing::warn!(error = %e, "cannot check Redis's durability settings at start");
+        }
         let background = vec![
             tokio::spawn(
                 global

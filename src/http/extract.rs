@@ -209,6 +209,13 @@ fn role(req: &HttpRequest) -> Result<Option<Role>, ApiError> {
     Ok(None)
 }
 
+/// Whether the caller holds an admin key, for endpoints open to anyone that
+/// tell admins more (`/readyz`). A wrong key counts as a failure as
+/// anywhere; a throttled caller is answered as anonymous.
+pub fn holds_admin_key(req: &HttpRequest) -> bool {
+    matches!(role(req), Ok(Some(Role::Admin)))
+}
+
 /// The caller holds an admin key.
 pub struct AdminPrincipal;
 

@@ -1,38 +1,103 @@
 //! Liveness, readiness, metrics and the OpenAPI document.
 
-use actix_web::{HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
+use crate::store::{SettingCheck, SettingState};
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Status {
     pub status: &'static str,
+    /// `/readyz` to admin-key callers only: the Redis settings the
+    /// durability promises depend on, as found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_settings: Option<Vec<RedisSetting>>,
+}
+
+/// One Redis setting as `/readyz` found it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RedisSetting {
+    pub setting: &'static str,
+    pub expected: &'static str,
+    /// The value Redis has (absent when it cannot be checked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub found: Option<String>,
+    /// `ok`, `not as expected`, or `cannot check: …` (e.g. CONFIG refused).
+    pub status: String,
+}
+
+impl From<SettingCheck> for RedisSetting {
+    fn from(c: SettingCheck) -> Self {
+        let (found, status) = match c.state {
+            SettingState::Holds => (Some(c.expected.to_string()), "ok".to_string()),
+            SettingState::Differs(found) => (Some(found), "not as expected".to_string()),
+            SettingState::CannotCheck(why) => (None, format!("cannot check: {why}")),
+        };
+        RedisSetting {
+            setting: c.setting,
+            expected: c.expected,
+            found,
+            status,
+        }
+    }
 }
 
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Status)))]
 pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(Status { status: "ok" })
+    HttpResponse::Ok().json(Status {
+        status: "ok",
+        redis_settings: None,
+    })
 }
 
+/// What `/readyz` tells a caller without an admin key when not ready:
+/// Redis's own words (which may name keys, users or its configuration) go
+/// to the log and to admins only.
+pub const NOT_READY_GENERIC: &str = "the session store is unavailable";
+
 /// Redis takes the service's scripts and writes, and the global state is
-/// fresh; otherwise 503 with the reason.
+/// fresh; otherwise 503, with the reason for admin-key callers only. When
+/// ready, also re-reads Redis's durability settings (gauges, a warning on
+/// change; never a reason to be unready), listed to admin-key callers.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Status), (status = 503, body = ErrorBody)))]
-pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn readyz(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let service = &state.service;
     let ready = match service.store().probe().await {
         Ok(()) => service.global().snapshot().map(|_| ()),
         Err(e) => Err(e),
     };
     match ready {
-        Ok(()) => Ok(HttpResponse::Ok().json(Status { status: "ready" })),
+        Ok(()) => {
+            let checks = service.store().check_durability(false).await;
+            let redis_settings = super::extract::holds_admin_key(&req).then(|| match checks {
+                Ok(checks) => checks.into_iter().map(RedisSetting::from).collect(),
+                Err(e) => vec![RedisSetting {
+                    setting: "*",
+                    expected: "",
+                    found: None,
+                    status: format!("cannot check: {e}"),
+                }],
+            });
+            Ok(HttpResponse::Ok().json(Status {
+                status: "ready",
+                redis_settings,
+            }))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
-            Err(ApiError::NotReady(e.to_string()))
+            if super::extract::holds_admin_key(&req) {
+                Err(ApiError::NotReady(e.to_string()))
+            } else {
+                Err(ApiError::NotReady(NOT_READY_GENERIC.into()))
+            }
         }
     }
 }

@@ -12,6 +12,13 @@
 //! bounded in size and time, so it never queues ahead of verifies.
 //!
 //! Every call is bounded by `redis_timeout`: pool wait, connect and reply.
+//!
+//! Replies are matched to requests, not trusted by order: every script call
+//! carries a nonce (a per-process counter) as its last argument and every
+//! script echoes it first. A reply without the caller's nonce (stale,
+//! duplicated or crossed on the pipelined connection) fails the call with
+//! [`StoreError::Protocol`] (a 503), is counted in
+//! `sessiongate_redis_reply_mismatch_total`, and drops the connection.
 
 pub mod keys;
 
@@ -24,7 +31,7 @@ use deadpool_redis::{Manager, Pool, Runtime};
 use redis::aio::MultiplexedConnection;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, FromRedisValue, Script, ScriptInvocation, Value};
+use redis::{AsyncConnectionConfig, FromRedisValue, Script, Value};
 
 use crate::domain::{DeviceId, SessionId, UserId, UserTag};
 use crate::metrics::Metrics;
@@ -45,6 +52,18 @@ const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
 
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// The nonce of the next script call (unique within the process, which is
+/// enough: a connection carries one process's requests).
+static NEXT_NONCE: AtomicU64 = AtomicU64::new(1);
+
+/// `EVALSHA <sha> 1 <key>`; the caller adds the script's arguments, then
+/// [`Store::run_script`] adds the nonce.
+fn evalsha(script: &Script, key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(1).arg(key);
+    cmd
+}
 
 /// A connection to a single Redis or to a Redis Cluster. Both are
 /// multiplexed and cheap to clone; the cluster one routes each script by its
@@ -145,6 +164,45 @@ impl StoreError {
     }
 }
 
+/// The Redis settings sessiongate's promises depend on, and the value each
+/// must have (as in the project's `redis.conf`): every acknowledged write is
+/// on disk before the reply (a logout survives a crash), and a full Redis
+/// refuses writes instead of evicting a session record or the cutoff.
+pub const DURABILITY_SETTINGS: [(&str, &str); 3] = [
+    ("appendonly", "yes"),
+    ("appendfsync", "always"),
+    ("maxmemory-policy", "noeviction"),
+];
+
+/// What Redis said about one of [`DURABILITY_SETTINGS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingState {
+    Holds,
+    /// The value Redis has instead.
+    Differs(String),
+    /// `CONFIG GET` refused (an ACL, or a managed Redis renaming CONFIG),
+    /// or not asked (Redis Cluster): why.
+    CannotCheck(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingCheck {
+    pub setting: &'static str,
+    pub expected: &'static str,
+    pub state: SettingState,
+}
+
+impl SettingCheck {
+    /// The `sessiongate_redis_config_ok` value: 1, 0, or -1 (cannot check).
+    pub fn gauge(&self) -> i64 {
+        match self.state {
+            SettingState::Holds => 1,
+            SettingState::Differs(_) => 0,
+            SettingState::CannotCheck(_) => -1,
+        }
+    }
+}
+
 /// A session as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
@@ -234,6 +292,7 @@ struct Scripts {
     reauth: Script,
     list: Script,
     global: Script,
+    read: Script,
     probe: Script,
 }
 
@@ -322,6 +381,7 @@ impl Store {
                 reauth: script!("reauth.lua"),
                 list: script!("list.lua"),
                 global: script!("global.lua"),
+                read: Script::new(include_str!("lua/read.lua")),
                 probe: Script::new(include_str!("lua/probe.lua")),
             },
             metrics,
@@ -433,8 +493,14 @@ impl Store {
     }
 
     /// Runs `op` on this thread's connection, bounded by the timeout, and
-    /// keeps the connection's health books.
-    async fn call<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    /// keeps the connection's health books. A reply failing `matches` (not
+    /// the answer to this request) fails the call and drops the connection:
+    /// its replies can no longer be matched to requests.
+    async fn call<T, F, Fut>(
+        &self,
+        op: F,
+        matches: impl FnOnce(&T) -> bool,
+    ) -> Result<T, StoreError>
     where
         F: FnOnce(Connection) -> Fut,
         Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
@@ -444,13 +510,21 @@ impl Store {
         let attempt = async {
             let (generation, conn) = self.connection().await?;
             used.store(generation, Ordering::Relaxed);
-            op(conn).await.map_err(|e| {
+            let reply = op(conn).await.map_err(|e| {
                 let err = StoreError::from_redis(&e);
                 if matches!(err, StoreError::Connection(_)) || e.is_unrecoverable_error() {
                     self.forget_connection(generation);
                 }
                 err
-            })
+            })?;
+            if !matches(&reply) {
+                self.forget_connection(generation);
+                self.metrics.reply_mismatch.inc();
+                return Err(StoreError::Protocol(
+                    "a reply for another request (nonce mismatch)".into(),
+                ));
+            }
+            Ok(reply)
         };
         let result = match tokio::time::timeout(self.timeout, attempt).await {
             Ok(result) => result,
@@ -471,41 +545,33 @@ impl Store {
     }
 
     /// Runs an `EVALSHA` command built in one go (no intermediate
-    /// `ScriptInvocation` copies: the hot path), loading the script when
-    /// Redis does not know it (first use, or after a restart).
-    async fn run_evalsha<T: FromRedisValue>(
+    /// `ScriptInvocation` copies: the hot path) with a fresh nonce as its
+    /// last argument, loading the script when Redis does not know it (first
+    /// use, or after a restart). Returns the reply after its echoed nonce.
+    async fn run_script(
         &self,
         script: &Script,
-        cmd: &redis::Cmd,
-    ) -> Result<T, StoreError> {
-        self.call(|mut conn| async move {
-            match cmd.query_async::<T>(&mut conn).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    script.load_async(&mut conn).await?;
-                    cmd.query_async(&mut conn).await
-                }
-                other => other,
-            }
-        })
-        .await
-    }
-
-    /// Runs one script invocation, bounded in time.
-    async fn run<T: FromRedisValue>(
-        &self,
-        invocation: &ScriptInvocation<'_>,
-    ) -> Result<T, StoreError> {
-        self.call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await
+        mut cmd: redis::Cmd,
+    ) -> Result<std::vec::IntoIter<Value>, StoreError> {
+        let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
+        cmd.arg(nonce);
+        let cmd = &cmd;
+        let reply: Vec<Value> = self
+            .call(
+                |mut conn| async move { evalsha_loading(&mut conn, script, cmd).await },
+                |reply| is_nonce(reply.first(), nonce),
+            )
+            .await?;
+        let mut it = reply.into_iter();
+        it.next();
+        Ok(it)
     }
 
     /// The hot path: one EVALSHA confirming a session. `touch_ms` < 0 never
     /// writes; `max_auth_age_ms` < 0 skips the password-age check (a session
     /// failing it is reported, and not slid). The reply must echo this
-    /// session's field and device, else the connection is dropped and the
-    /// call fails (a reply is never trusted for another request).
+    /// call's nonce, else the connection is dropped and the call fails (a
+    /// reply is never trusted for another request).
     #[allow(clippy::too_many_arguments)]
     pub async fn verify(
         &self,
@@ -516,34 +582,18 @@ impl Store {
         max_auth_age_ms: i64,
         full: bool,
     ) -> Result<Option<LiveSession>, StoreError> {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.scripts.verify.get_hash())
-            .arg(1)
-            .arg(self.keys.user_of(session))
-            .arg(session.field())
+        let mut cmd = evalsha(&self.scripts.verify, &self.keys.user_of(session));
+        cmd.arg(session.field())
             .arg(device.as_str())
             .arg(live.idle_ms)
             .arg(touch_ms)
             .arg(live.cutoff_ms)
             .arg(if full { "1" } else { "0" })
             .arg(max_auth_age_ms);
-        let reply: Vec<Value> = self.run_evalsha(&self.scripts.verify, &cmd).await?;
-        let mut it = reply.into_iter();
+        let mut it = self.run_script(&self.scripts.verify, cmd).await?;
         let status = int(it.next())?;
         if status == 0 {
             return Ok(None);
-        }
-        let (field, device_id, age) = (it.next(), it.next(), it.next());
-        if !same_text(&field, session.field())
-            || !same_text(&device_id, device.as_str())
-            || !same_int(&age, max_auth_age_ms)
-        {
-            // Replies on this connection can no longer be matched to
-            // requests: drop it.
-            LOCAL_CONNECTIONS.with(|c| c.borrow_mut().retain(|l| l.store != self.id));
-            let err = StoreError::Protocol("verify reply for another session".into());
-            self.metrics.redis_error(err.kind());
-            return Err(err);
         }
         let record = if full {
             Some(SessionRecord {
@@ -565,9 +615,11 @@ impl Store {
     }
 
     pub async fn create(&self, new: NewSession<'_>, live: Liveness) -> Result<Created, StoreError> {
-        let mut inv = self.scripts.create.prepare_invoke();
-        inv.key(self.keys.user(&new.session.user_tag()))
-            .arg(new.session.field())
+        let mut cmd = evalsha(
+            &self.scripts.create,
+            &self.keys.user(&new.session.user_tag()),
+        );
+        cmd.arg(new.session.field())
             .arg(new.user.as_str())
             .arg(new.device.as_str())
             .arg(new.auth_time_ms.map(|t| t.to_string()).unwrap_or_default())
@@ -576,13 +628,13 @@ impl Store {
             .arg(new.absolute_ms)
             .arg(new.max_per_user)
             .arg(live.cutoff_ms);
-        let (created_ms, expires_ms, auth_time_ms, replaced, evicted) = self.run(&inv).await?;
+        let mut it = self.run_script(&self.scripts.create, cmd).await?;
         Ok(Created {
-            created_ms,
-            expires_ms,
-            auth_time_ms,
-            replaced,
-            evicted,
+            created_ms: int(it.next())?,
+            expires_ms: int(it.next())?,
+            auth_time_ms: int(it.next())?,
+            replaced: int(it.next())?,
+            evicted: int(it.next())?,
         })
     }
 
@@ -593,16 +645,30 @@ impl Store {
         which: Revoke<'_>,
         live: Liveness,
     ) -> Result<u64, StoreError> {
-        let mut inv = self.scripts.revoke.prepare_invoke();
-        inv.key(self.keys.user(user));
+        self.revoke_key(&self.keys.user(user), which, live).await
+    }
+
+    async fn revoke_key(
+        &self,
+        key: &str,
+        which: Revoke<'_>,
+        live: Liveness,
+    ) -> Result<u64, StoreError> {
+        let cmd = self.revoke_cmd(key, which, live);
+        let mut it = self.run_script(&self.scripts.revoke, cmd).await?;
+        Ok(int(it.next())?.max(0) as u64)
+    }
+
+    fn revoke_cmd(&self, key: &str, which: Revoke<'_>, live: Liveness) -> redis::Cmd {
+        let mut cmd = evalsha(&self.scripts.revoke, key);
         match which {
-            Revoke::One(field) => inv.arg("one").arg(field),
-            Revoke::AllExcept(keep) => inv.arg("except").arg(keep.unwrap_or("")),
-            Revoke::Device(device) => inv.arg("device").arg(device),
-            Revoke::CreatedBefore(ms) => inv.arg("before").arg(ms),
+            Revoke::One(field) => cmd.arg("one").arg(field),
+            Revoke::AllExcept(keep) => cmd.arg("except").arg(keep.unwrap_or("")),
+            Revoke::Device(device) => cmd.arg("device").arg(device),
+            Revoke::CreatedBefore(ms) => cmd.arg("before").arg(ms),
         };
-        inv.arg(live.idle_ms).arg(live.cutoff_ms);
-        self.run(&inv).await
+        cmd.arg(live.idle_ms).arg(live.cutoff_ms);
+        cmd
     }
 
     /// Records a fresh password check; `None` when the session is not alive.
@@ -611,14 +677,13 @@ impl Store {
         session: &SessionId,
         live: Liveness,
     ) -> Result<Option<i64>, StoreError> {
-        let mut inv = self.scripts.reauth.prepare_invoke();
-        inv.key(self.keys.user(&session.user_tag()))
-            .arg(session.field())
+        let mut cmd = evalsha(&self.scripts.reauth, &self.keys.user(&session.user_tag()));
+        cmd.arg(session.field())
             .arg(live.idle_ms)
             .arg(live.cutoff_ms);
-        let reply: Vec<i64> = self.run(&inv).await?;
-        Ok(match reply.as_slice() {
-            [1, auth_ms] => Some(*auth_ms),
+        let mut it = self.run_script(&self.scripts.reauth, cmd).await?;
+        Ok(match int(it.next())? {
+            1 => Some(int(it.next())?),
             _ => None,
         })
     }
@@ -629,16 +694,13 @@ impl Store {
         user: &UserTag,
         live: Liveness,
     ) -> Result<Vec<SessionRecord>, StoreError> {
-        let mut inv = self.scripts.list.prepare_invoke();
-        inv.key(self.keys.user(user))
-            .arg(live.idle_ms)
-            .arg(live.cutoff_ms);
-        let reply: Vec<Value> = self.run(&inv).await?;
-        if !reply.len().is_multiple_of(7) {
+        let mut cmd = evalsha(&self.scripts.list, &self.keys.user(user));
+        cmd.arg(live.idle_ms).arg(live.cutoff_ms);
+        let mut it = self.run_script(&self.scripts.list, cmd).await?;
+        if !it.len().is_multiple_of(7) {
             return Err(StoreError::Protocol("list reply of odd length".into()));
         }
-        let mut out = Vec::with_capacity(reply.len() / 7);
-        let mut it = reply.into_iter();
+        let mut out = Vec::with_capacity(it.len() / 7);
         while let Some(field) = it.next() {
             out.push(SessionRecord {
                 field: text(Some(field))?,
@@ -656,55 +718,67 @@ impl Store {
 
     /// Applies an operation to the global state and returns it.
     pub async fn global(&self, op: GlobalOp<'_>) -> Result<GlobalRecord, StoreError> {
-        let mut inv = self.scripts.global.prepare_invoke();
-        inv.key(self.keys.global());
+        let mut cmd = evalsha(&self.scripts.global, self.keys.global());
         match op {
-            GlobalOp::Init { kid } => inv.arg("init").arg(kid).arg(0),
+            GlobalOp::Init { kid } => cmd.arg("init").arg(kid).arg(0),
             GlobalOp::Rotate {
                 kid,
                 retire_after_ms,
-            } => inv.arg("rotate").arg(kid).arg(retire_after_ms),
-            GlobalOp::Cutoff { at_ms } => inv
+            } => cmd.arg("rotate").arg(kid).arg(retire_after_ms),
+            GlobalOp::Cutoff { at_ms } => cmd
                 .arg("cutoff")
                 .arg(at_ms.map(|t| t.to_string()).unwrap_or_default())
                 .arg(0),
         };
-        inv.arg(self.keys.events());
-        let (cutoff_ms, ring_json, now_ms) = self.run(&inv).await?;
+        cmd.arg(self.keys.events());
+        let mut it = self.run_script(&self.scripts.global, cmd).await?;
         Ok(GlobalRecord {
-            cutoff_ms,
-            ring_json,
-            now_ms,
+            cutoff_ms: int(it.next())?,
+            ring_json: text(it.next())?,
+            now_ms: int(it.next())?,
         })
     }
 
     /// Reads the global state without changing it: `(cutoff, ring)`.
     pub async fn read_global(&self) -> Result<(Option<i64>, Option<String>), StoreError> {
-        let key = self.keys.global();
-        self.call(|mut conn| async move {
-            redis::cmd("HMGET")
-                .arg(key)
-                .arg("cutoff")
-                .arg("ring")
-                .query_async(&mut conn)
-                .await
-        })
-        .await
+        let cmd = evalsha(&self.scripts.read, self.keys.global());
+        let mut it = self.run_script(&self.scripts.read, cmd).await?;
+        let cutoff = match it.next() {
+            Some(Value::Nil) | None => None,
+            Some(v) => Some(
+                i64::from_redis_value(v)
+                    .map_err(|e| StoreError::Protocol(format!("global cutoff: {e}")))?,
+            ),
+        };
+        let ring = match it.next() {
+            Some(Value::Nil) | None => None,
+            v => Some(text(v)?),
+        };
+        Ok((cutoff, ring))
     }
 
     /// The readiness probe: a script issuing a write command that changes
     /// nothing (see `lua/probe.lua`), so Redis says whether it would take
     /// the service's scripts and writes.
     pub async fn probe(&self) -> Result<(), StoreError> {
-        let mut inv = self.scripts.probe.prepare_invoke();
-        inv.key(format!("{}readyz-probe", self.keys.prefix()));
-        self.run::<i64>(&inv).await.map(|_| ())
+        let cmd = evalsha(
+            &self.scripts.probe,
+            &format!("{}readyz-probe", self.keys.prefix()),
+        );
+        self.run_script(&self.scripts.probe, cmd).await.map(|_| ())
     }
 
     /// Deletes every session created at or before `cutoff_ms`, in bounded
     /// batches (`SCAN ... COUNT 200`, one script per user hash, a pause
     /// between batches), so a logout-all never blocks Redis. Verify already
     /// refuses those sessions by the cutoff; this only frees memory.
+    ///
+    /// All of it runs over the deadpool-redis pool, never over the request
+    /// path's per-thread connections: the purge's commands are not
+    /// pipelined ahead of verifies, and its failures and timeouts are not
+    /// counted against (nor can they replace) a request-path connection.
+    /// A pooled connection that fails, times out or answers out of step is
+    /// taken out of the pool, and the purge stops (records expire by TTL).
     ///
     /// In Redis Cluster mode `SCAN` would see one node only, so nothing is
     /// purged there: the cutoff refuses the sessions on every instance and
@@ -713,44 +787,187 @@ impl Store {
         if self.cluster.is_some() {
             return Ok(0);
         }
+        let result = self.purge_on_pool(cutoff_ms, live).await;
+        if let Err(e) = &result {
+            self.metrics.redis_error(e.kind());
+        }
+        result
+    }
+
+    async fn purge_on_pool(&self, cutoff_ms: i64, live: Liveness) -> Result<u64, StoreError> {
         let pattern = self.keys.user_pattern();
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
-            let batch = async {
-                let mut conn = self
-                    .pool
-                    .get()
-                    .await
-                    .map_err(|e| StoreError::Connection(e.to_string()))?;
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(200)
-                    .query_async::<(u64, Vec<String>)>(&mut *conn)
-                    .await
-                    .map_err(|e| StoreError::from_redis(&e))
+            let mut conn = self
+                .bounded(async {
+                    self.pool
+                        .get()
+                        .await
+                        .map_err(|e| StoreError::Connection(e.to_string()))
+                })
+                .await?;
+            let scan = self
+                .bounded(async {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(200)
+                        .query_async::<(u64, Vec<String>)>(&mut *conn)
+                        .await
+                        .map_err(|e| StoreError::from_redis(&e))
+                })
+                .await;
+            let (next, keys) = match scan {
+                Ok(found) => found,
+                Err(e) => {
+                    let _ = deadpool_redis::Connection::take(conn);
+                    return Err(e);
+                }
             };
-            let (next, keys) = tokio::time::timeout(self.timeout, batch)
-                .await
-                .unwrap_or(Err(StoreError::Timeout(self.timeout)))?;
             for key in keys {
-                let mut inv = self.scripts.revoke.prepare_invoke();
-                inv.key(&key)
-                    .arg("before")
-                    .arg(cutoff_ms)
-                    .arg(live.idle_ms)
-                    .arg(live.cutoff_ms);
-                removed += self.run::<u64>(&inv).await?;
+                let mut cmd = self.revoke_cmd(&key, Revoke::CreatedBefore(cutoff_ms), live);
+                let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
+                cmd.arg(nonce);
+                let reply = self
+                    .bounded(async {
+                        evalsha_loading(&mut *conn, &self.scripts.revoke, &cmd)
+                            .await
+                            .map_err(|e| StoreError::from_redis(&e))
+                    })
+                    .await;
+                let reply = match reply {
+                    Ok(reply) if is_nonce(reply.first(), nonce) => reply,
+                    Ok(_) => {
+                        self.metrics.reply_mismatch.inc();
+                        let _ = deadpool_redis::Connection::take(conn);
+                        return Err(StoreError::Protocol(
+                            "a reply for another request (nonce mismatch)".into(),
+                        ));
+                    }
+                    Err(e) => {
+                        let _ = deadpool_redis::Connection::take(conn);
+                        return Err(e);
+                    }
+                };
+                removed += int(reply.into_iter().nth(1))?.max(0) as u64;
             }
+            drop(conn);
             if next == 0 {
                 return Ok(removed);
             }
             cursor = next;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// `op` bounded by the timeout (for work off the request path).
+    async fn bounded<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, op)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(self.timeout)))
+    }
+
+    /// Reads [`DURABILITY_SETTINGS`] from Redis (`CONFIG GET`, one pipelined
+    /// round trip over the pool, off the request path), sets the
+    /// `sessiongate_redis_config_ok` gauges and logs a warning for each
+    /// setting that does not hold or cannot be checked: always when
+    /// `log_all`, else only when its state changed since the last check.
+    /// Fails only when Redis cannot be reached; a refused `CONFIG` is a
+    /// result ("cannot check"), not an error.
+    pub async fn check_durability(&self, log_all: bool) -> Result<Vec<SettingCheck>, StoreError> {
+        let checks = if self.cluster.is_some() {
+            DURABILITY_SETTINGS
+                .iter()
+                .map(|&(setting, expected)| SettingCheck {
+                    setting,
+                    expected,
+                    state: SettingState::CannotCheck(
+                        "not checked in Redis Cluster mode: check each node".into(),
+                    ),
+                })
+                .collect()
+        } else {
+            self.read_durability().await?
+        };
+        for check in &checks {
+            let gauge = self.metrics.config_ok.with_label_values(&[check.setting]);
+            let changed = gauge.get() != check.gauge();
+            gauge.set(check.gauge());
+            if !(log_all || changed) {
+                continue;
+            }
+            match &check.state {
+                SettingState::Holds if log_all => {}
+                SettingState::Holds => {
+                    tracing::info!(setting = check.setting, "Redis setting now as expected")
+                }
+                SettingState::Differs(found) => tracing::warn!(
+                    setting = check.setting,
+                    expected = check.expected,
+                    found = %found,
+                    "Redis setting breaks sessiongate's durability promises"
+                ),
+                SettingState::CannotCheck(why) => tracing::warn!(
+                    setting = check.setting,
+                    expected = check.expected,
+                    "cannot check a Redis setting: {why}"
+                ),
+            }
+        }
+        Ok(checks)
+    }
+
+    async fn read_durability(&self) -> Result<Vec<SettingCheck>, StoreError> {
+        let mut pipe = redis::pipe();
+        for (setting, _) in DURABILITY_SETTINGS {
+            pipe.cmd("CONFIG").arg("GET").arg(setting);
+        }
+        let replies = self
+            .bounded(async {
+                let mut conn = self
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|e| StoreError::Connection(e.to_string()))?;
+                pipe.query_async::<Vec<Value>>(&mut *conn)
+                    .await
+                    .map_err(|e| StoreError::from_redis(&e))
+            })
+            .await;
+        let replies = match replies {
+            Ok(replies) => replies.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(StoreError::Refused(why)) => {
+                vec![Err(why); DURABILITY_SETTINGS.len()]
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(DURABILITY_SETTINGS
+            .iter()
+            .zip(replies)
+            .map(|(&(setting, expected), reply)| {
+                let state = match reply {
+                    Err(why) => SettingState::CannotCheck(format!("CONFIG refused ({why})")),
+                    Ok(v) => match config_value(v, setting) {
+                        Some(found) if found.eq_ignore_ascii_case(expected) => SettingState::Holds,
+                        Some(found) => SettingState::Differs(found),
+                        None => SettingState::CannotCheck(
+                            "CONFIG GET did not return the setting".into(),
+                        ),
+                    },
+                };
+                SettingCheck {
+                    setting,
+                    expected,
+                    state,
+                }
+            })
+            .collect())
     }
 
     /// A pub/sub connection subscribed to the events channel.
@@ -771,25 +988,50 @@ impl Store {
     }
 }
 
-/// Whether a reply element is this integer, sent back as text (no allocation).
-fn same_int(v: &Option<Value>, expected: i64) -> bool {
+/// Runs an `EVALSHA` command, loading the script when Redis does not know
+/// it (first use, or after a restart), then running it again.
+async fn evalsha_loading<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    script: &Script,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<Vec<Value>> {
+    match cmd.query_async::<Vec<Value>>(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
+
+/// The value in a `CONFIG GET <setting>` reply (a flat array, or a map with
+/// RESP3).
+fn config_value(v: Value, setting: &str) -> Option<String> {
+    let pairs: Vec<(Value, Value)> = match v {
+        Value::Array(items) => {
+            let mut it = items.into_iter();
+            std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect()
+        }
+        Value::Map(pairs) => pairs,
+        _ => return None,
+    };
+    pairs.into_iter().find_map(|(k, v)| {
+        let k = String::from_redis_value(k).ok()?;
+        k.eq_ignore_ascii_case(setting)
+            .then(|| String::from_redis_value(v).ok())
+            .flatten()
+    })
+}
+
+/// Whether a reply element is this nonce, echoed as text (no allocation).
+fn is_nonce(v: Option<&Value>, nonce: u64) -> bool {
     match v {
         Some(Value::BulkString(bytes)) => {
             std::str::from_utf8(bytes)
                 .ok()
-                .and_then(|t| t.parse::<i64>().ok())
-                == Some(expected)
+                .and_then(|t| t.parse::<u64>().ok())
+                == Some(nonce)
         }
-        Some(Value::Int(n)) => *n == expected,
-        _ => false,
-    }
-}
-
-/// Whether a reply element is exactly this text (no allocation).
-fn same_text(v: &Option<Value>, expected: &str) -> bool {
-    match v {
-        Some(Value::BulkString(bytes)) => bytes.as_slice() == expected.as_bytes(),
-        Some(Value::SimpleString(s)) => s == expected,
         _ => false,
     }
 }

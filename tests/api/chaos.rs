@@ -201,16 +201,19 @@ fn fill_to_the_limit(redis: &TestRedis) {
     assert!(redis.cmd(&["SET", "probe", "x"]).starts_with("-OOM"));
 }
 
-/// `/readyz` must say the store is not usable, and why (Redis's words).
+/// `/readyz` must say the store is not usable: why (Redis's words) to an
+/// admin-key caller only, a generic reason to anyone else.
 async fn assert_not_ready(app: &TestApp, case: &str, why: &str) {
-    let res = app
-        .request(reqwest::Method::GET, "/readyz")
-        .send()
-        .await
-        .unwrap();
+    let res = app.admin(Method::GET, "/readyz").send().await.unwrap();
     let body = assert_error(res, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").await;
     let message = body["message"].as_str().unwrap();
     assert!(message.contains(why), "{case}: /readyz said {message:?}");
+    let res = app.request(Method::GET, "/readyz").send().await.unwrap();
+    let body = assert_error(res, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").await;
+    assert_eq!(
+        body["message"], "not ready: the session store is unavailable",
+        "{case}: anonymous /readyz"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -785,4 +788,126 @@ async fn paused_redis_under_a_burst_answers_every_verify_503_promptly() {
             .all(|(status, _)| *status == StatusCode::OK)
     })
     .await;
+}
+
+/// The value of an unlabelled counter in `/metrics` (0 when absent).
+async fn counter(app: &TestApp, name: &str) -> u64 {
+    let text = app
+        .request(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+/// Stale replies: the proxy delivers reply chunks twice, so the requests
+/// pipelined behind them on the connection each read a reply meant for an
+/// earlier request (of another session, alive or logged out). Every answer
+/// must still be right for the token sent, or 503: a logged-out token is
+/// never 200 on a live session's reply, a live one never 401 on a dead
+/// one's. The service drops the out-of-step connection (the nonce echo) and
+/// counts the mismatches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_replies_are_refused_never_answered_for_another_request() {
+    const ROUNDS: usize = 40;
+    let Rig { app, proxy, redis } = rig().await;
+    // Set-up one call at a time (a burst of fsynced writes on a loaded
+    // disk can outlast the 250 ms timeout; that is not under test here).
+    let mut live = Vec::new();
+    let mut dead = Vec::new();
+    for i in 0..32 {
+        let s = app.create(&format!("dup-user-{i}"), "laptop").await;
+        if i % 2 == 0 {
+            live.push(s);
+        } else {
+            assert_eq!(app.logout(&s.token).await.status(), StatusCode::NO_CONTENT);
+            dead.push(s);
+        }
+    }
+    let tokens: Vec<(&Created, bool)> = live
+        .iter()
+        .map(|s| (s, true))
+        .chain(dead.iter().map(|s| (s, false)))
+        .collect();
+    let mismatches_before = counter(&app, "sessiongate_redis_reply_mismatch_total").await;
+    let done = AtomicBool::new(false);
+    // 32 verifiers (16 live tokens, 16 logged out), ROUNDS verifies each.
+    let verifiers = tokens.iter().map(|&(s, alive)| {
+        let app = &app;
+        async move {
+            let mut seen = Vec::with_capacity(ROUNDS);
+            for _ in 0..ROUNDS {
+                // Not timed beyond probe's hang check: what is under test is
+                // whose reply an answer came from (a loaded machine can make
+                // any answer slow).
+                let (status, _) = probe(app, s).await;
+                let right = if alive {
+                    StatusCode::OK
+                } else {
+                    StatusCode::UNAUTHORIZED
+                };
+                assert!(
+                    status == right || status == StatusCode::SERVICE_UNAVAILABLE,
+                    "{} (alive: {alive}) answered {status} while replies were duplicated",
+                    s.user_id
+                );
+                seen.push(status);
+            }
+            seen
+        }
+    });
+    let control = async {
+        // One duplicated chunk every 20 ms while the verifiers run.
+        while !done.load(Ordering::SeqCst) {
+            proxy.duplicate_next_replies(1);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proxy.heal();
+    };
+    let all = async {
+        let seen = join_all(verifiers).await;
+        done.store(true, Ordering::SeqCst);
+        seen
+    };
+    let (seen, ()) = tokio::join!(all, control);
+    let seen: Vec<StatusCode> = seen.into_iter().flatten().collect();
+    let stats = proxy.stats();
+    let mismatches =
+        counter(&app, "sessiongate_redis_reply_mismatch_total").await - mismatches_before;
+    let unavailable = seen
+        .iter()
+        .filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    eprintln!(
+        "chaos: duplicated replies: {} answers checked, {unavailable} x 503, \
+         {mismatches} mismatches counted; proxy {stats:?}",
+        seen.len()
+    );
+    assert_eq!(seen.len(), tokens.len() * ROUNDS, "answers checked");
+    assert!(
+        stats.duplicated >= 5,
+        "the proxy duplicated too little: {stats:?}"
+    );
+    assert!(mismatches >= 1, "no mismatch counted ({stats:?})");
+    assert!(unavailable >= 1, "no verify saw the fault");
+    // Recovered without a restart: every token answers as itself again.
+    eventually(Duration::from_secs(10), || async {
+        let mut right = true;
+        for &(s, alive) in &tokens {
+            let want = if alive {
+                StatusCode::OK
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            right &= probe(&app, s).await.0 == want;
+        }
+        right
+    })
+    .await;
+    drop(redis);
 }

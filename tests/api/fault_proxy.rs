@@ -20,7 +20,12 @@
 //!   toward the client is forwarded only in part (its first half), then the
 //!   connection is closed; [`ProxyHandle::cut_next_replies`] does that for
 //!   the next `n` chunks only.
-//! - [`ProxyHandle::heal`]: back to a plain pipe (no delay, no cut).
+//! - [`ProxyHandle::duplicate_next_replies`]: the next `n` chunks toward
+//!   the client are delivered twice, so a pipelining client's next request
+//!   receives a stale reply (one meant for an earlier request), and every
+//!   reply after it on that connection is one request late.
+//! - [`ProxyHandle::heal`]: back to a plain pipe (no delay, no cut, no
+//!   duplicates).
 //!
 //! [`ProxyHandle::stats`] counts connections and bytes so tests can assert
 //! that a fault really happened and that clients did not pile up.
@@ -74,6 +79,8 @@ pub struct ProxyStats {
     pub discarded: u64,
     /// Connections closed in the middle of a reply chunk.
     pub cuts: u64,
+    /// Chunks toward the client delivered twice.
+    pub duplicated: u64,
 }
 
 /// Sticky value of `cut_remaining`: cut every chunk until healed.
@@ -89,6 +96,7 @@ struct Counters {
     to_client: AtomicU64,
     discarded: AtomicU64,
     cuts: AtomicU64,
+    duplicated: AtomicU64,
 }
 
 struct Shared {
@@ -97,6 +105,8 @@ struct Shared {
     delay: Mutex<Duration>,
     /// Chunks toward the client still to be cut ([`CUT_ALWAYS`]: all).
     cut_remaining: AtomicU64,
+    /// Chunks toward the client still to be delivered twice.
+    duplicate_remaining: AtomicU64,
     /// The tasks of open connections (finished ones are pruned on insert).
     connections: Mutex<Vec<AbortHandle>>,
     counters: Counters,
@@ -119,6 +129,13 @@ impl Shared {
                 CUT_ALWAYS => Some(CUT_ALWAYS),
                 n => Some(n - 1),
             })
+            .is_ok()
+    }
+
+    /// Whether the chunk about to be written goes twice (consumes one).
+    fn take_duplicate(&self) -> bool {
+        self.duplicate_remaining
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
     }
 
@@ -181,12 +198,20 @@ impl ProxyHandle {
             .store(n.min(CUT_ALWAYS - 1), Ordering::SeqCst);
     }
 
-    /// Back to a plain pipe: forward both ways, no delay, no cuts.
+    /// Delivers each of the next `n` chunks toward the client twice
+    /// (replaces any pending count): a stale reply for whatever request is
+    /// next in line on that connection.
+    pub fn duplicate_next_replies(&self, n: u64) {
+        self.shared.duplicate_remaining.store(n, Ordering::SeqCst);
+    }
+
+    /// Back to a plain pipe: forward both ways, no delay, no cuts, no duplicates.
     /// Connections that survived a blackhole stay open (and out of step).
     pub fn heal(&self) {
         *self.shared.mode.lock().unwrap() = Mode::Pass;
         *self.shared.delay.lock().unwrap() = Duration::ZERO;
         self.shared.cut_remaining.store(0, Ordering::SeqCst);
+        self.shared.duplicate_remaining.store(0, Ordering::SeqCst);
     }
 
     pub fn mode(&self) -> Mode {
@@ -204,6 +229,7 @@ impl ProxyHandle {
             to_client: c.to_client.load(Ordering::SeqCst),
             discarded: c.discarded.load(Ordering::SeqCst),
             cuts: c.cuts.load(Ordering::SeqCst),
+            duplicated: c.duplicated.load(Ordering::SeqCst),
         }
     }
 }
@@ -227,6 +253,7 @@ impl FaultProxy {
             mode: Mutex::new(Mode::Pass),
             delay: Mutex::new(Duration::ZERO),
             cut_remaining: AtomicU64::new(0),
+            duplicate_remaining: AtomicU64::new(0),
             connections: Mutex::new(Vec::new()),
             counters: Counters::default(),
         });
@@ -397,6 +424,12 @@ async fn to_client(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, shared: &Sha
                 .counters
                 .to_client
                 .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+            if shared.take_duplicate() {
+                if to.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                shared.counters.duplicated.fetch_add(1, Ordering::SeqCst);
+            }
         }
     };
     tokio::select! {
@@ -481,6 +514,28 @@ mod tests {
         assert!(closed(&mut fresh, Duration::from_secs(2)).await);
         assert_eq!(proxy.stats().cuts, 1);
         let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(ping(&mut fresh, Duration::from_secs(2)).await, b"+PONG\r\n");
+
+        // Duplicate: the next reply comes twice, so the PING after it reads
+        // the stale copy; one duplicate only.
+        proxy.duplicate_next_replies(1);
+        fresh
+            .write_all(b"*2\r\n$4\r\nECHO\r\n$1\r\na\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = timeout(Duration::from_secs(2), async {
+            let mut buf = [0u8; 64];
+            while got.len() < 2 * b"$1\r\na\r\n".len() {
+                match fresh.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert_eq!(got, b"$1\r\na\r\n$1\r\na\r\n");
+        assert_eq!(proxy.stats().duplicated, 1);
         assert_eq!(ping(&mut fresh, Duration::from_secs(2)).await, b"+PONG\r\n");
 
         // Drop all: open connections close, new ones are closed at once.

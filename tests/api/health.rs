@@ -8,7 +8,9 @@ use serde_json::Value;
 
 use crate::helpers::{
     ADMIN_KEY, ISSUER_KEY, SIGNING_SECRET, TestApp, assert_error, eventually, spawn_app,
+    spawn_app_on,
 };
+use crate::redis_server::TestRedis;
 
 async fn get(app: &TestApp, path: &str) -> reqwest::Response {
     app.request(Method::GET, path).send().await.unwrap()
@@ -47,6 +49,59 @@ async fn healthz_and_readyz_answer_200_with_redis_up() {
             .unwrap()
             .starts_with("application/json")
     );
+}
+
+/// When Redis refuses the service's writes, `/readyz` gives Redis's own
+/// words (here `NOREPLICAS`) to admin-key callers only; anonymous callers,
+/// the login backend's key and a wrong key get a generic reason. The cause
+/// is still counted in the metrics.
+#[tokio::test]
+async fn readyz_tells_redis_own_error_to_admin_key_callers_only() {
+    let app = spawn_app().await;
+    assert_eq!(get(&app, "/readyz").await.status(), StatusCode::OK);
+    assert_eq!(
+        app.redis_cmd(&["CONFIG", "SET", "min-replicas-to-write", "1"]),
+        "+OK\r\n"
+    );
+    let generic = "not ready: the session store is unavailable";
+    let callers: [(&str, Option<&str>); 4] = [
+        ("anonymous", None),
+        ("issuer key", Some(ISSUER_KEY)),
+        (
+            "wrong key",
+            Some("not-a-key-0123456789abcdef0123456789abcd"),
+        ),
+        ("admin key", Some(ADMIN_KEY)),
+    ];
+    for (who, key) in callers {
+        let mut req = app.request(Method::GET, "/readyz");
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        let body = assert_error(
+            req.send().await.unwrap(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+        )
+        .await;
+        let message = body["message"].as_str().unwrap();
+        if who == "admin key" {
+            assert!(message.contains("NOREPLICAS"), "{who}: {message:?}");
+        } else {
+            assert_eq!(message, generic, "{who}");
+            assert!(!body.to_string().contains("NOREPLICAS"), "{who}: {body}");
+        }
+    }
+    let text = metrics_text(&app).await;
+    assert!(
+        sample(&text, r#"sessiongate_redis_errors_total{kind="refused"}"#) >= 4.0,
+        "the refusals are counted"
+    );
+    assert_eq!(
+        app.redis_cmd(&["CONFIG", "SET", "min-replicas-to-write", "0"]),
+        "+OK\r\n"
+    );
+    assert_eq!(get(&app, "/readyz").await.status(), StatusCode::OK);
 }
 
 #[tokio::test]
@@ -316,4 +371,148 @@ async fn a_plain_request_id_is_echoed_and_a_hostile_one_replaced() {
             "replacement {id:?} for {hostile:?}"
         );
     }
+}
+
+/// The Redis settings as an admin-key caller of `/readyz` sees them:
+/// setting -> (found, status).
+async fn redis_settings(app: &TestApp) -> std::collections::HashMap<String, (Value, String)> {
+    let res = app.admin(Method::GET, "/readyz").send().await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "durability never makes /readyz fail"
+    );
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], "ready");
+    body["redis_settings"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no redis_settings for the admin key: {body}"))
+        .iter()
+        .map(|s| {
+            (
+                s["setting"].as_str().unwrap().to_string(),
+                (
+                    s["found"].clone(),
+                    s["status"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The `sessiongate_redis_config_ok` gauge of each setting.
+async fn config_gauges(app: &TestApp) -> [f64; 3] {
+    let text = metrics_text(app).await;
+    ["appendonly", "appendfsync", "maxmemory-policy"].map(|s| {
+        sample(
+            &text,
+            &format!(r#"sessiongate_redis_config_ok{{setting="{s}"}}"#),
+        )
+    })
+}
+
+/// The project's redis.conf: every durability setting holds; anonymous
+/// callers see only `{"status":"ready"}`.
+#[tokio::test]
+async fn durability_settings_of_the_project_redis_conf_hold() {
+    let app = spawn_app().await;
+    let res = get(&app, "/readyz").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.json::<Value>().await.unwrap(),
+        serde_json::json!({"status": "ready"})
+    );
+    let settings = redis_settings(&app).await;
+    assert_eq!(settings.len(), 3, "{settings:?}");
+    for (setting, found) in [
+        ("appendonly", "yes"),
+        ("appendfsync", "always"),
+        ("maxmemory-policy", "noeviction"),
+    ] {
+        assert_eq!(
+            settings[setting],
+            (Value::from(found), "ok".to_string()),
+            "{setting}"
+        );
+    }
+    assert_eq!(config_gauges(&app).await, [1.0, 1.0, 1.0]);
+}
+
+/// A Redis with `appendfsync no` and `allkeys-lru` (it could lose an
+/// acknowledged logout on a crash, and evict sessions or the cutoff): the
+/// service still serves (it warns), the gauges say which settings fail,
+/// and an admin sees the values found. Fixed at run time, the next
+/// `/readyz` sees it.
+#[tokio::test]
+async fn durability_settings_that_break_the_promises_are_reported() {
+    let redis =
+        TestRedis::start_with(&["--appendfsync", "no", "--maxmemory-policy", "allkeys-lru"]);
+    let app = spawn_app_on(&redis.url(), &[]).await;
+    assert_eq!(config_gauges(&app).await, [1.0, 0.0, 0.0], "at start-up");
+    let settings = redis_settings(&app).await;
+    assert_eq!(
+        settings["appendonly"],
+        (Value::from("yes"), "ok".to_string())
+    );
+    assert_eq!(
+        settings["appendfsync"],
+        (Value::from("no"), "not as expected".to_string())
+    );
+    assert_eq!(
+        settings["maxmemory-policy"],
+        (Value::from("allkeys-lru"), "not as expected".to_string())
+    );
+    let s = app.create("dora", "laptop").await;
+    assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
+
+    assert_eq!(
+        redis.cmd(&["CONFIG", "SET", "appendfsync", "always"]),
+        "+OK\r\n"
+    );
+    assert_eq!(
+        redis.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]),
+        "+OK\r\n"
+    );
+    assert_eq!(get(&app, "/readyz").await.status(), StatusCode::OK);
+    assert_eq!(config_gauges(&app).await, [1.0, 1.0, 1.0], "after the fix");
+}
+
+/// An ACL user without CONFIG (as on a managed Redis): the service serves,
+/// and says it cannot check rather than failing or guessing.
+#[tokio::test]
+async fn durability_settings_cannot_be_checked_when_config_is_refused() {
+    let redis = TestRedis::start();
+    assert_eq!(
+        redis.cmd(&[
+            "ACL",
+            "SETUSER",
+            "sg",
+            "on",
+            ">sg-password",
+            "~*",
+            "&*",
+            "+@all",
+            "-config",
+        ]),
+        "+OK\r\n"
+    );
+    let url = format!("redis://sg:sg-password@127.0.0.1:{}/0", redis.port());
+    let app = spawn_app_on(&url, &[]).await;
+    let s = app.create("erin", "laptop").await;
+    assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
+    assert_eq!(config_gauges(&app).await, [-1.0, -1.0, -1.0]);
+    let settings = redis_settings(&app).await;
+    assert_eq!(settings.len(), 3, "{settings:?}");
+    for (setting, (found, status)) in &settings {
+        assert_eq!(*found, Value::Null, "{setting}");
+        assert!(
+            status.starts_with("cannot check: CONFIG refused"),
+            "{setting}: {status}"
+        );
+    }
+    // Anonymous callers still get the plain answer.
+    assert_eq!(
+        get(&app, "/readyz").await.json::<Value>().await.unwrap(),
+        serde_json::json!({"status": "ready"})
+    );
 }

@@ -1,12 +1,12 @@
 //! What sessiongate leaves in Redis: keys, TTLs, writes and round trips.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{TestApp, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_with};
 
 /// Every key in the app's Redis (SCAN; KEYS is disabled by redis.conf).
 fn all_keys(app: &TestApp) -> Vec<String> {
@@ -81,26 +81,27 @@ async fn a_users_sessions_share_one_small_listpack_hash() {
     );
 }
 
+/// Every command Redis sees during 20 verifies, refresher paused, nothing
+/// excluded: one EVALSHA each and, inside it, one HGET and one TIME; no
+/// write (HSET, PEXPIREAT) within the touch interval; plus the test's INFO.
 #[tokio::test]
 async fn verify_is_one_round_trip_and_does_not_write_within_the_touch_interval() {
-    let app = spawn_app().await;
+    let app = crate::tokens::spawn_app_with_refresher_paused().await;
     let s = app.create("bob", "laptop").await;
     // Warm up: the first call after start may load the script.
     assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
-    let before = counts(&app);
-    for _ in 0..20 {
-        assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
-    }
-    let after = counts(&app);
-    // One EVALSHA per verify; the script's inner HGETs are not round trips.
-    assert_eq!(delta(&after, &before, "evalsha"), 20);
-    assert_eq!(delta(&after, &before, "eval"), 0);
-    assert_eq!(
-        delta(&after, &before, "hset"),
-        0,
-        "verify wrote within the touch interval"
-    );
-    assert_eq!(delta(&after, &before, "pexpireat"), 0);
+    let seen = crate::tokens::every_command_during(&app, || async {
+        for _ in 0..20 {
+            assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
+        }
+    })
+    .await;
+    let expected: std::collections::HashMap<String, u64> =
+        [("evalsha", 20), ("hget", 20), ("time", 20), ("info", 1)]
+            .into_iter()
+            .map(|(name, n)| (name.to_string(), n))
+            .collect();
+    assert_eq!(seen, expected, "every command during 20 verifies");
 }
 
 #[tokio::test]
@@ -167,5 +168,141 @@ async fn create_with_a_key_prefix_keeps_deployments_apart() {
         keys.iter()
             .all(|k| k.starts_with("one:") || k.starts_with("two:")),
         "{keys:?}"
+    );
+}
+
+/// Redis's `MONITOR` stream, read on its own thread.
+struct Monitor {
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Monitor {
+    fn start(port: u16) -> Monitor {
+        use std::io::{BufRead, BufReader, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.write_all(b"*1\r\n$7\r\nMONITOR\r\n").unwrap();
+        let mut reader = BufReader::new(conn);
+        let mut ok = String::new();
+        reader.read_line(&mut ok).unwrap();
+        assert_eq!(ok, "+OK\r\n");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Monitor { lines }
+    }
+
+    /// Every line up to a fence command sent now (so nothing in flight before
+    /// it is missed), as `(client address, [command, args…])`; lines of
+    /// commands run inside scripts (`[0 lua]`) are left out.
+    fn finish(self, app: &TestApp) -> Vec<(String, Vec<String>)> {
+        let fence = format!("fence-{}", uuid::Uuid::new_v4());
+        app.redis_cmd(&["ECHO", &fence]);
+        let mut out = Vec::new();
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(10))
+                .expect("MONITOR lines up to the fence");
+            if line.contains(&fence) {
+                return out;
+            }
+            let Some((client, args)) = line.split_once("] ") else {
+                continue;
+            };
+            let client = client.rsplit(' ').next().unwrap().to_string();
+            if client == "lua" {
+                continue;
+            }
+            let args = args
+                .split(' ')
+                .map(|a| a.trim_matches('"').to_ascii_lowercase())
+                .collect();
+            out.push((client, args));
+        }
+    }
+}
+
+/// The logout-all purge runs its SCANs and per-user scripts over the pool,
+/// never over the request path's connection (so its commands do not queue
+/// ahead of verifies there, and its failures and timeouts cannot count
+/// against it or replace it). Watched with MONITOR: the clients that carry
+/// verifies and creates never carry a purge command, and every purge script
+/// comes from a client that also ran the purge's SCAN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_logout_all_purge_runs_over_the_pool_not_the_request_path_connection() {
+    const USERS: usize = 60;
+    let app = spawn_app().await;
+    let old: Vec<_> = {
+        let mut v = Vec::new();
+        for i in 0..USERS {
+            v.push(app.create(&format!("purged-{i}"), "laptop").await);
+        }
+        v
+    };
+    let port = app.redis.as_ref().unwrap().lock().unwrap().port();
+    let monitor = Monitor::start(port);
+    for s in old.iter().take(5) {
+        assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
+    }
+    assert_eq!(app.logout_all().await.status(), StatusCode::OK);
+    let survivor = app.create("survivor", "laptop").await;
+    // Verifies keep coming while the purge runs; it is done when only the
+    // survivor's hash is left.
+    eventually(Duration::from_secs(30), || async {
+        assert_eq!(app.verify_status(&survivor.token).await, StatusCode::OK);
+        all_keys(&app)
+            .iter()
+            .filter(|k| k.starts_with("sg:u{"))
+            .count()
+            == 1
+    })
+    .await;
+    assert_eq!(app.verify_status(&survivor.token).await, StatusCode::OK);
+    let lines = monitor.finish(&app);
+
+    let is_purge_script = |args: &[String]| {
+        args.first().is_some_and(|c| c == "evalsha") && args.get(4).is_some_and(|m| m == "before")
+    };
+    let scan_clients: HashSet<&str> = lines
+        .iter()
+        // The purge's SCANs match user hashes; the test's own match "*".
+        .filter(|(_, args)| args[0] == "scan" && args.get(3).is_some_and(|m| m.starts_with("sg:u")))
+        .map(|(c, _)| c.as_str())
+        .collect();
+    let purge_clients: HashSet<&str> = lines
+        .iter()
+        .filter(|(_, args)| is_purge_script(args))
+        .map(|(c, _)| c.as_str())
+        .collect();
+    let request_clients: HashSet<&str> = lines
+        .iter()
+        .filter(|(_, args)| {
+            args[0] == "evalsha"
+                && args.get(3).is_some_and(|k| k.starts_with("sg:u{"))
+                && !is_purge_script(args)
+        })
+        .map(|(c, _)| c.as_str())
+        .collect();
+    let purge_scripts = lines.iter().filter(|(_, a)| is_purge_script(a)).count();
+    assert!(
+        purge_scripts >= USERS,
+        "{purge_scripts} purge scripts for {USERS} users"
+    );
+    assert!(!request_clients.is_empty(), "no verify seen");
+    assert!(!scan_clients.is_empty(), "no purge SCAN seen");
+    assert!(
+        purge_clients.is_subset(&scan_clients),
+        "purge scripts from {purge_clients:?}, its SCANs from {scan_clients:?}"
+    );
+    assert!(
+        purge_clients.is_disjoint(&request_clients) && scan_clients.is_disjoint(&request_clients),
+        "the purge ran on a request-path connection: purge {purge_clients:?}, \
+         SCAN {scan_clients:?}, verifies and creates {request_clients:?}"
     );
 }

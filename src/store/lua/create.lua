@@ -8,8 +8,8 @@
 -- ARGV[1]  session field  ARGV[2] user id  ARGV[3] device id
 -- ARGV[4]  auth_time ms ("" = now)         ARGV[5] metadata JSON ("" = none)
 -- ARGV[6]  idle timeout ms  ARGV[7] absolute lifetime ms
--- ARGV[8]  max sessions per user  ARGV[9] global cutoff ms
--- Returns  {created_ms, expires_ms, auth_time_ms, replaced, evicted}
+-- ARGV[8]  max sessions per user  ARGV[9] global cutoff ms  ARGV[10] nonce
+-- Returns  {nonce, created_ms, expires_ms, auth_time_ms, replaced, evicted}
 --          (created_ms is after the cutoff even within its millisecond)
 --          or an error reply when the user tag collides with another user.
 local key = KEYS[1]
@@ -63,4 +63,4 @@ for i = first, #live do
   until_ms = math.max(until_ms, live[i][3])
 end
 redis.call('PEXPIREAT', key, until_ms)
-return {created, expires, auth, replaced, evicted}
+return {ARGV[10], created, expires, auth, replaced, evicted}

@@ -12,9 +12,9 @@
 --                         now + ARGV[3] ms; retired kids are dropped
 --               "cutoff" - cutoff := max(cutoff, min(ARGV[2], now)), or now if ""
 --                         (it never moves back, nor into the future)
--- ARGV[4]  events channel
--- Returns  {cutoff_ms, ring_json, now_ms}
-local key, op = KEYS[1], ARGV[1]
+-- ARGV[4]  events channel  ARGV[5] nonce
+-- Returns  {nonce, cutoff_ms, ring_json, now_ms}
+local key, op, nonce = KEYS[1], ARGV[1], ARGV[5]
 local now = now_ms()
 local changed = false
 local cutoff = tonumber(redis.call('HGET', key, 'cutoff') or '')
@@ -61,4 +61,4 @@ if changed then
   redis.call('HSET', key, 'ring', ring_json)
   redis.call('PUBLISH', ARGV[4], op)
 end
-return {cutoff, ring_json, now}
+return {nonce, cutoff, ring_json, now}

@@ -1,13 +1,13 @@
 -- list.lua: the live sessions of one user (read-only).
 --
 -- KEYS[1]  user hash
--- ARGV[1]  idle timeout ms  ARGV[2] global cutoff ms
--- Returns  a flat array, 7 entries per live session:
+-- ARGV[1]  idle timeout ms  ARGV[2] global cutoff ms  ARGV[3] nonce
+-- Returns  the nonce, then a flat array, 7 entries per live session:
 --          field, created_ms, last_seen_ms, auth_time_ms, expires_ms, device_id, metadata_json
 local key = KEYS[1]
 local now = now_ms()
 local idle, cutoff = tonumber(ARGV[1]), tonumber(ARGV[2])
-local out = {}
+local out = {ARGV[3]}
 local all = redis.call('HGETALL', key)
 for i = 1, #all, 2 do
   local f = all[i]

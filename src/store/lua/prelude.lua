@@ -6,6 +6,10 @@
 --   field <22 chars>  -> a session record, MessagePack array:
 --       {created_ms, last_seen_ms, auth_time_ms, expires_ms, device_id, metadata_json}
 -- All times come from Redis TIME, so every instance shares one clock.
+--
+-- Every script's last ARGV is a nonce, unique per call, and every reply
+-- starts with it: the caller refuses a reply that does not echo its own
+-- nonce (a stale, duplicated or crossed reply) instead of trusting order.
 
 local function now_ms()
   local t = redis.call('TIME')

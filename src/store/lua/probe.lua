@@ -6,5 +6,6 @@
 -- (logout) still work.
 --
 -- KEYS[1]  <prefix>readyz-probe (never set)
--- Returns  the number of keys deleted (always 0)
-return redis.call('DEL', KEYS[1])
+-- ARGV[1]  nonce
+-- Returns  {nonce, the number of keys deleted (always 0)}
+return {ARGV[1], redis.call('DEL', KEYS[1])}

@@ -6,8 +6,8 @@
 --                "except" - every session but field ARGV[2] ("" keeps none)
 --                "device" - every session whose device id is ARGV[2]
 --                "before" - every session created at or before ARGV[2] ms
--- ARGV[3]  idle timeout ms  ARGV[4] global cutoff ms
--- Returns  the number of live sessions removed
+-- ARGV[3]  idle timeout ms  ARGV[4] global cutoff ms  ARGV[5] nonce
+-- Returns  {nonce, the number of live sessions removed}
 local key, mode, arg = KEYS[1], ARGV[1], ARGV[2]
 local idle, cutoff = tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
@@ -39,4 +39,4 @@ else
   end
 end
 drop_if_empty(key)
-return removed
+return {ARGV[5], removed}

@@ -12,18 +12,17 @@
 -- ARGV[3]  idle timeout ms ARGV[4] touch interval ms (-1: never touch)
 -- ARGV[5]  global cutoff ms ARGV[6] "1" to return the full record
 -- ARGV[7]  largest password age ms allowed (-1: not checked)
--- Returns  {0} when the session is not alive (gone, expired, revoked, or not
---          this device's); else
---          {status, field, device_id, ARGV[7]
+-- ARGV[8]  nonce (echoed first, so the caller can match reply to request)
+-- Returns  {nonce, 0} when the session is not alive (gone, expired, revoked,
+--          or not this device's); else
+--          {nonce, status
 --           [, created_ms, auth_time_ms, last_seen_ms, expires_ms, metadata_json]}
 --          with status 1 (alive) or 2 (alive, but the password is older than
---          ARGV[7]: refused, so the idle expiry is not slid). Field, device
---          and the age demanded are echoed so the caller can match reply to
---          request.
-local key, field = KEYS[1], ARGV[1]
+--          ARGV[7]: refused, so the idle expiry is not slid).
+local key, field, nonce = KEYS[1], ARGV[1], ARGV[8]
 local blob = redis.call('HGET', key, field)
 if not blob then
-  return {0}
+  return {nonce, 0}
 end
 local now = now_ms()
 local idle = tonumber(ARGV[3])
@@ -31,10 +30,10 @@ local rec = cmsgpack.unpack(blob)
 if not alive(rec, now, idle, tonumber(ARGV[5])) then
   redis.call('HDEL', key, field)
   drop_if_empty(key)
-  return {0}
+  return {nonce, 0}
 end
 if rec[5] ~= ARGV[2] then
-  return {0}
+  return {nonce, 0}
 end
 local status = 1
 local max_auth_age = tonumber(ARGV[7])
@@ -56,6 +55,6 @@ if status == 1 and touch >= 0 and now - rec[2] >= touch then
   end
 end
 if ARGV[6] == '1' then
-  return {status, field, rec[5], ARGV[7], rec[1], rec[3], rec[2], rec[4], rec[6]}
+  return {nonce, status, rec[1], rec[3], rec[2], rec[4], rec[6]}
 end
-return {status, field, rec[5], ARGV[7]}
+return {nonce, status}
