@@ -19,6 +19,15 @@ pub const ISSUER_KEY: &str = "test-issuer-key-0123456789abcdef0123456789";
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef01234567890";
 pub const SIGNING_SECRET: &str = "test-signing-secret-0123456789abcdef012345";
 
+/// The Redis timeout of a test instance. Larger than the 250 ms default:
+/// every test Redis runs `appendfsync always` on a disk shared with the
+/// whole suite, and a write answered after 300 ms on a loaded machine is not
+/// what most tests are about. Tests of timeout behaviour (Redis paused,
+/// blackholed, slow) set their own, [`FAST_REDIS_TIMEOUT`].
+pub const TEST_REDIS_TIMEOUT: &str = "2s";
+/// The production default, for the tests that measure what a timeout does.
+pub const FAST_REDIS_TIMEOUT: &str = "250ms";
+
 static TRACING: Once = Once::new();
 
 fn init_tracing() {
@@ -29,9 +38,9 @@ fn init_tracing() {
     });
 }
 
-/// Settings for a test instance: fast timeouts, one worker, test keys;
-/// `overrides` are `SESSIONGATE_*` variables without the prefix
-/// (e.g. `("IDLE_TIMEOUT", "2s")`).
+/// Settings for a test instance: one worker, test keys, and a Redis timeout
+/// of [`TEST_REDIS_TIMEOUT`]; `overrides` are `SESSIONGATE_*` variables
+/// without the prefix (e.g. `("IDLE_TIMEOUT", "2s")`).
 pub fn test_settings(redis_url: &str, overrides: &[(&str, &str)]) -> Settings {
     let mut env: HashMap<String, String> = [
         ("REDIS_URL", redis_url),
@@ -39,7 +48,7 @@ pub fn test_settings(redis_url: &str, overrides: &[(&str, &str)]) -> Settings {
         ("ADMIN_KEYS", ADMIN_KEY),
         ("SIGNING_SECRET", SIGNING_SECRET),
         ("WORKERS", "1"),
-        ("REDIS_TIMEOUT", "250ms"),
+        ("REDIS_TIMEOUT", TEST_REDIS_TIMEOUT),
         ("LISTEN", "127.0.0.1:0"),
     ]
     .iter()
