@@ -51,7 +51,7 @@ impl TestCluster {
             .all(|n| n.cmd(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
         {
             assert!(
-                started.elapsed() < Duration::from_secs(15),
+                started.elapsed() < Duration::from_secs(60),
                 "cluster not ok"
             );
             std::thread::sleep(Duration::from_millis(100));
