@@ -13,7 +13,7 @@ fn redis(app: &TestApp) -> std::sync::MutexGuard<'_, crate::redis_server::TestRe
     app.redis.as_ref().unwrap().lock().unwrap()
 }
 
-/// These tests run with the 250 ms production timeout; an answer must come
+/// These tests run with a 1 s Redis timeout; an answer must come
 /// within it plus what a loaded machine adds (generous: a CPU hog, eight
 /// test threads), and well before Redis itself would have answered.
 const BOUND: Duration = Duration::from_secs(3);

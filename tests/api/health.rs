@@ -11,7 +11,7 @@ use crate::helpers::{
     spawn_app, spawn_app_with,
 };
 
-/// With the 250 ms production Redis timeout, `/readyz` answers within this
+/// With a 1 s Redis timeout (`FAST_REDIS_TIMEOUT`), `/readyz` answers within this
 /// on a loaded machine (generous), and well before a frozen Redis would.
 const READY_BOUND: Duration = Duration::from_secs(3);
 

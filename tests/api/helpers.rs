@@ -25,8 +25,12 @@ pub const SIGNING_SECRET: &str = "test-signing-secret-0123456789abcdef012345";
 /// what most tests are about. Tests of timeout behaviour (Redis paused,
 /// blackholed, slow) set their own, [`FAST_REDIS_TIMEOUT`].
 pub const TEST_REDIS_TIMEOUT: &str = "2s";
-/// The production default, for the tests that measure what a timeout does.
-pub const FAST_REDIS_TIMEOUT: &str = "250ms";
+/// For the tests that measure what a timeout does: an answer must come within
+/// it (plus load) and well before the fault ends (faults there last at least
+/// 6 s, or forever). Not the 250 ms production default: the setup of those
+/// tests (64 concurrent creates with `appendfsync always`) missed 250 ms
+/// under `scripts/flake-check`.
+pub const FAST_REDIS_TIMEOUT: &str = "1s";
 
 static TRACING: Once = Once::new();
 
