@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 
-use crate::helpers::{ADMIN_KEY, ISSUER_KEY, assert_error, eventually, spawn_app, spawn_app_with};
+use crate::helpers::{ADMIN_KEY, ISSUER_KEY, assert_error, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn oversized_headers_get_431() {
@@ -41,7 +41,7 @@ async fn a_slow_client_is_cut_off_after_the_header_timeout() {
     let (took, answer) = tokio::task::spawn_blocking(move || {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
+            .set_read_timeout(Some(Duration::from_secs(15)))
             .unwrap();
         let started = Instant::now();
         stream
@@ -56,8 +56,10 @@ async fn a_slow_client_is_cut_off_after_the_header_timeout() {
     })
     .await
     .unwrap();
+    // The 1 s header timeout, plus what a loaded machine adds; a server that
+    // never cuts the client off holds it for the whole 15 s read timeout.
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(5),
         "connection held for {took:?}"
     );
     assert!(
@@ -328,10 +330,15 @@ async fn revoke_before_command_revokes_every_earlier_session() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("cutoff"));
-    eventually(Duration::from_secs(1), || async {
-        app.verify_status(&old.token).await == StatusCode::UNAUTHORIZED
-    })
-    .await;
+    // The running instance learns the cutoff as it learns a logout-all:
+    // within 1 s of the command's end.
+    let done = Instant::now();
+    tokio::time::sleep_until((done + Duration::from_secs(1)).into()).await;
+    assert_eq!(
+        app.verify_status(&old.token).await,
+        StatusCode::UNAUTHORIZED,
+        "an earlier session still verified 1 s after revoke-before"
+    );
     let fresh = app.create("bob", "laptop").await;
     assert_eq!(app.verify_status(&fresh.token).await, StatusCode::OK);
 }

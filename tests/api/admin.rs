@@ -648,18 +648,20 @@ async fn introspect_refuses_bad_bodies_without_echoing_the_token() {
 
 #[tokio::test]
 async fn introspection_does_not_slide_the_idle_timer() {
-    let app = spawn_app_with(&[("IDLE_TIMEOUT", "3s")]).await;
+    // 6 s, so the checks between the sleeps have seconds of slack on a
+    // loaded machine; the effective touch interval is 600 ms.
+    let app = spawn_app_with(&[("IDLE_TIMEOUT", "6s")]).await;
     let introspected = app.create("alice", "laptop").await;
     let verified = app.create("bob", "laptop").await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     for _ in 0..3 {
         let body = json_of(app.introspect(&introspected.token, ISSUER_KEY).await).await;
         assert_eq!(body["active"], true);
     }
     assert_eq!(app.verify_status(&verified.token).await, StatusCode::OK);
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    // 3.5 s after creation: the introspected session idled out, the verified
-    // one was slid at 1.5 s.
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    // 7 s after creation: the introspected session idled out, the verified
+    // one was slid at 3 s.
     let body = json_of(app.introspect(&introspected.token, ISSUER_KEY).await).await;
     assert_eq!(body, json!({"active": false}));
     assert_eq!(app.verify_status(&verified.token).await, StatusCode::OK);

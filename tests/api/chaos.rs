@@ -18,14 +18,22 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::fault_proxy::FaultProxy;
-use crate::helpers::{Created, TestApp, assert_error, eventually, spawn_app_on};
+use crate::helpers::{
+    Created, FAST_REDIS_TIMEOUT, TestApp, assert_error, eventually, spawn_app_on,
+};
 use crate::redis_server::TestRedis;
 
-/// REDIS_TIMEOUT is 250 ms in tests; every answer must come well within this.
-const BOUND: Duration = Duration::from_secs(1);
+/// The rig runs a 1 s REDIS_TIMEOUT (`FAST_REDIS_TIMEOUT`); every answer
+/// must come within this: the timeout plus what a loaded machine adds (a CPU
+/// hog, a fault proxy and 100 concurrent requests). Faults that could make
+/// an answer wait for Redis last at least twice as long (or forever), so
+/// waiting is still told apart from a prompt 503.
+const BOUND: Duration = Duration::from_secs(3);
 /// A request still unanswered after this is a hang (the client's own
 /// timeout is 10 s; this fails sooner and says so).
-const HANG: Duration = Duration::from_secs(5);
+const HANG: Duration = Duration::from_secs(8);
+/// Recovery on its own once the fault is gone: within this.
+const RECOVERY: Duration = Duration::from_secs(20);
 
 /// A real Redis, a proxy in front of it, and the service on the proxy.
 struct Rig {
@@ -36,7 +44,10 @@ struct Rig {
 
 async fn rig_with(redis: TestRedis, overrides: &[(&str, &str)]) -> Rig {
     let proxy = FaultProxy::for_port(redis.port()).await;
-    let app = spawn_app_on(&proxy.url(), overrides).await;
+    // The timeout under test; an override given here wins.
+    let mut settings = vec![("REDIS_TIMEOUT", FAST_REDIS_TIMEOUT)];
+    settings.extend_from_slice(overrides);
+    let app = spawn_app_on(&proxy.url(), &settings).await;
     Rig { app, proxy, redis }
 }
 
@@ -44,13 +55,20 @@ async fn rig() -> Rig {
     rig_with(TestRedis::start(), &[]).await
 }
 
-/// `n` sessions of `n` distinct users, created concurrently.
+/// `n` sessions of `n` distinct users, created 16 at a time (setup: not
+/// a load test of creates).
 async fn sessions(app: &TestApp, prefix: &str, n: usize) -> Vec<Created> {
-    join_all((0..n).map(|i| async move {
-        let (user, device) = (format!("{prefix}-user-{i}"), format!("dev-{i}"));
-        app.create(&user, &device).await
-    }))
-    .await
+    let mut all = Vec::with_capacity(n);
+    for start in (0..n).step_by(16) {
+        all.extend(
+            join_all((start..n.min(start + 16)).map(|i| async move {
+                let (user, device) = (format!("{prefix}-user-{i}"), format!("dev-{i}"));
+                app.create(&user, &device).await
+            }))
+            .await,
+        );
+    }
+    all
 }
 
 /// One verify as a gateway would send it, bounded by [`HANG`]. Checks what
@@ -167,7 +185,7 @@ async fn raw_ping(port: u16) -> Option<String> {
             .ok()?;
         Some(line.trim_end().to_string())
     };
-    tokio::time::timeout(Duration::from_millis(500), attempt)
+    tokio::time::timeout(Duration::from_secs(5), attempt)
         .await
         .ok()
         .flatten()
@@ -242,14 +260,13 @@ async fn blackholed_redis_gives_bounded_503s_under_concurrency_and_heals() {
         assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE, "{answers:?}");
         assert!(*took < BOUND, "an answer took {took:?}");
     }
-    assert!(total < Duration::from_secs(2), "50 verifies took {total:?}");
-    // Let the proxy accept whatever the kernel already queued.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Concurrent, not one after the other (50 x 1 s would be 50 s).
+    assert!(total < 2 * BOUND, "50 verifies took {total:?}");
+    eventually(Duration::from_secs(10), || async {
+        proxy.stats().discarded > before.discarded
+    })
+    .await;
     let during = proxy.stats();
-    assert!(
-        during.discarded > before.discarded,
-        "nothing hit the blackhole"
-    );
     assert!(
         during.peak_open <= 16,
         "connections pile up during the blackhole: {before:?} -> {during:?}"
@@ -261,11 +278,14 @@ async fn blackholed_redis_gives_bounded_503s_under_concurrency_and_heals() {
     // replies on them are out of step: whatever the service does about it,
     // a live token is never refused as revoked, a revoked one never
     // accepted, and a 200 always names the token's own session.
+    // Rounds go on for at least 1.2 s, and until one round verifies every
+    // live session (within RECOVERY).
     proxy.heal();
     let healed = Instant::now();
     let mut seen = Vec::new();
     let app = &app;
-    while healed.elapsed() < Duration::from_millis(1200) {
+    loop {
+        let mut all_live_ok = true;
         let answers = join_all(
             live.iter()
                 .map(|s| (s, true))
@@ -280,6 +300,7 @@ async fn blackholed_redis_gives_bounded_503s_under_concurrency_and_heals() {
                     [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE].contains(&status),
                     "a live session answered {status} after the heal"
                 );
+                all_live_ok &= status == StatusCode::OK;
             } else {
                 assert!(
                     [StatusCode::UNAUTHORIZED, StatusCode::SERVICE_UNAVAILABLE].contains(&status),
@@ -288,31 +309,28 @@ async fn blackholed_redis_gives_bounded_503s_under_concurrency_and_heals() {
             }
             seen.push(status);
         }
+        if all_live_ok && healed.elapsed() >= Duration::from_millis(1200) {
+            break;
+        }
+        assert!(
+            healed.elapsed() < RECOVERY,
+            "live sessions still refused {RECOVERY:?} after the heal: {seen:?}"
+        );
     }
-    let left = Duration::from_secs(3).saturating_sub(healed.elapsed());
-    eventually(left, || async {
-        join_all(live.iter().map(|s| probe(app, s)))
-            .await
-            .iter()
-            .all(|(status, _)| *status == StatusCode::OK)
-    })
-    .await;
-    assert!(
-        seen.contains(&StatusCode::OK),
-        "no 200 within 1.2 s of the heal"
-    );
     drop(redis);
 }
 
 /// While connecting hangs (blackhole: the TCP connect succeeds, the
 /// handshake is never answered), requests that find no connection must not
 /// each open one: the store promises "one opening at a time, so an outage
-/// does not cause a connection storm". 20 verifies arrive 10 ms apart,
-/// within the first second (before the cached state goes stale and verify
-/// stops asking Redis); one shared attempt per REDIS_TIMEOUT would be ~2.
+/// does not cause a connection storm". 20 verifies arrive 10 ms apart; the
+/// cached state is allowed to be 10 s old here, so verify keeps asking Redis
+/// throughout (a stale state would refuse without asking, and hide a
+/// storm); one shared attempt per REDIS_TIMEOUT would be ~2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blackhole_does_not_cause_a_connection_storm() {
-    let Rig { app, proxy, redis } = rig().await;
+    let Rig { app, proxy, redis } =
+        rig_with(TestRedis::start(), &[("STATE_MAX_STALENESS", "10s")]).await;
     let all = sessions(&app, "storm", 20).await;
     assert_eq!(probe(&app, &all[0]).await.0, StatusCode::OK);
     proxy.blackhole();
@@ -372,13 +390,23 @@ async fn replies_cut_mid_way_under_load_never_answer_with_another_identity() {
             proxy.cut_next_replies(1);
             tokio::time::sleep(Duration::from_millis(80)).await;
         }
-        // Phase 2: every reply cut.
+        // Phase 2: every reply cut, for 300 ms and until two were cut.
+        let cuts_before = proxy.stats().cuts;
         proxy.cut_mid_reply();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        // Phase 3: every connection reset, new ones closed at once.
+        eventually(Duration::from_secs(10), || async {
+            proxy.stats().cuts >= cuts_before + 2
+        })
+        .await;
+        // Phase 3: every connection reset, new ones closed at once, for
+        // 300 ms and until one was refused.
         proxy.heal();
         proxy.drop_all();
         tokio::time::sleep(Duration::from_millis(300)).await;
+        eventually(Duration::from_secs(10), || async {
+            proxy.stats().refused >= 1
+        })
+        .await;
         proxy.heal();
         tokio::time::sleep(Duration::from_millis(300)).await;
         stop.store(true, Ordering::SeqCst);
@@ -411,7 +439,7 @@ async fn replies_cut_mid_way_under_load_never_answer_with_another_identity() {
         stats.peak_open
     );
     // Recovered without a restart: every session verifies, as itself.
-    eventually(Duration::from_secs(3), || async {
+    eventually(RECOVERY, || async {
         join_all(all.iter().map(|s| probe(&app, s)))
             .await
             .iter()
@@ -423,11 +451,13 @@ async fn replies_cut_mid_way_under_load_never_answer_with_another_identity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_above_the_timeout_gives_prompt_503_and_below_it_200() {
-    let Rig { app, proxy, redis } = rig().await;
+    // A 1 s timeout: 50 ms of latency stays well below it on a loaded
+    // machine, 8 s stays far above it (and above BOUND).
+    let Rig { app, proxy, redis } = rig_with(TestRedis::start(), &[("REDIS_TIMEOUT", "1s")]).await;
     let s = app.create("slow-user", "laptop").await;
     assert_eq!(probe(&app, &s).await.0, StatusCode::OK);
 
-    proxy.delay(Duration::from_millis(400));
+    proxy.delay(Duration::from_secs(8));
     for _ in 0..4 {
         let (status, took) = probe(&app, &s).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -435,7 +465,7 @@ async fn latency_above_the_timeout_gives_prompt_503_and_below_it_200() {
     }
 
     proxy.delay(Duration::from_millis(50));
-    eventually(Duration::from_secs(3), || async {
+    eventually(RECOVERY, || async {
         probe(&app, &s).await.0 == StatusCode::OK
     })
     .await;
@@ -460,7 +490,7 @@ async fn latency_above_the_timeout_gives_prompt_503_and_below_it_200() {
 /// MB, too heavy for a shared test machine (`DEBUG RELOAD`/`DEBUG SLEEP` are
 /// disabled in the project's redis.conf). So Redis runs with its hidden test
 /// setting `key-load-delay` (µs slept per key loaded) and 10 000 small keys:
-/// ≈ 1–3 s of LOADING. `CONFIG SET key-load-delay` works too, but does not
+/// ≈ 3–6 s of LOADING (long enough for several answers on a loaded machine). `CONFIG SET key-load-delay` works too, but does not
 /// survive the restart, so it is a start argument (which `TestRedis`
 /// repeats on restart). `loading-process-events-interval-bytes 1024` makes
 /// Redis answer clients often while loading (with the default 2 MB it would
@@ -469,7 +499,7 @@ async fn latency_above_the_timeout_gives_prompt_503_and_below_it_200() {
 async fn redis_loading_its_dataset_answers_503_never_401_then_200() {
     let redis = TestRedis::start_with(&[
         "--key-load-delay",
-        "100",
+        "300",
         "--loading-process-events-interval-bytes",
         "1024",
     ]);
@@ -497,7 +527,7 @@ async fn redis_loading_its_dataset_answers_503_never_401_then_200() {
         || info(&redis, "persistence", "aof_rewrite_scheduled") != "0"
     {
         assert!(
-            rewrite.elapsed() < Duration::from_secs(10),
+            rewrite.elapsed() < Duration::from_secs(30),
             "BGREWRITEAOF never ended"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -523,7 +553,7 @@ async fn redis_loading_its_dataset_answers_503_never_401_then_200() {
         .is_some_and(|r| r.starts_with("-LOADING"))
     {
         assert!(
-            !restarting.is_finished() && started.elapsed() < Duration::from_secs(8),
+            !restarting.is_finished() && started.elapsed() < Duration::from_secs(30),
             "Redis was never seen LOADING"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -565,7 +595,7 @@ async fn redis_loading_its_dataset_answers_503_never_401_then_200() {
         answered_while_loading >= 5,
         "only {answered_while_loading} verifies answered while LOADING ({loaded_after:?})"
     );
-    eventually(Duration::from_secs(3), || async {
+    eventually(RECOVERY, || async {
         let status = probe(&app, &s).await.0;
         assert_ne!(
             status,
@@ -763,7 +793,8 @@ async fn paused_redis_under_a_burst_answers_every_verify_503_promptly() {
     let Rig { app, proxy, redis } = rig().await;
     let all = sessions(&app, "burst", 20).await;
     let before = proxy.stats();
-    redis.pause_ms(1500);
+    // Frozen for twice BOUND: an answer that waited for Redis fails it.
+    redis.pause_ms(6000);
     let paused = Instant::now();
     let answers = join_all((0..100).map(|i| probe(&app, &all[i % all.len()]))).await;
     let total = paused.elapsed();
@@ -772,8 +803,8 @@ async fn paused_redis_under_a_burst_answers_every_verify_503_promptly() {
         assert!(*took < BOUND, "an answer took {took:?}");
     }
     assert!(
-        total < Duration::from_millis(1400),
-        "100 verifies took {total:?}"
+        total < Duration::from_secs(5),
+        "100 verifies took {total:?}: not all answered while Redis was paused"
     );
     assert_eq!(get_status(&app, "/healthz").await, StatusCode::OK);
     let during = proxy.stats();
@@ -781,7 +812,7 @@ async fn paused_redis_under_a_burst_answers_every_verify_503_promptly() {
         during.accepted - before.accepted <= 10 && during.peak_open <= 10,
         "connections pile up while Redis is paused: {before:?} -> {during:?}"
     );
-    eventually(Duration::from_secs(4), || async {
+    eventually(RECOVERY, || async {
         join_all(all.iter().map(|s| probe(&app, s)))
             .await
             .iter()

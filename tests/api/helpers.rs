@@ -19,6 +19,19 @@ pub const ISSUER_KEY: &str = "test-issuer-key-0123456789abcdef0123456789";
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef01234567890";
 pub const SIGNING_SECRET: &str = "test-signing-secret-0123456789abcdef012345";
 
+/// The Redis timeout of a test instance. Larger than the 250 ms default:
+/// every test Redis runs `appendfsync always` on a disk shared with the
+/// whole suite, and a write answered after 300 ms on a loaded machine is not
+/// what most tests are about. Tests of timeout behaviour (Redis paused,
+/// blackholed, slow) set their own, [`FAST_REDIS_TIMEOUT`].
+pub const TEST_REDIS_TIMEOUT: &str = "2s";
+/// For the tests that measure what a timeout does: an answer must come within
+/// it (plus load) and well before the fault ends (faults there last at least
+/// 6 s, or forever). Not the 250 ms production default: the setup of those
+/// tests (64 concurrent creates with `appendfsync always`) missed 250 ms
+/// under `scripts/flake-check`.
+pub const FAST_REDIS_TIMEOUT: &str = "1s";
+
 static TRACING: Once = Once::new();
 
 fn init_tracing() {
@@ -29,9 +42,9 @@ fn init_tracing() {
     });
 }
 
-/// Settings for a test instance: fast timeouts, one worker, test keys;
-/// `overrides` are `SESSIONGATE_*` variables without the prefix
-/// (e.g. `("IDLE_TIMEOUT", "2s")`).
+/// Settings for a test instance: one worker, test keys, and a Redis timeout
+/// of [`TEST_REDIS_TIMEOUT`]; `overrides` are `SESSIONGATE_*` variables
+/// without the prefix (e.g. `("IDLE_TIMEOUT", "2s")`).
 pub fn test_settings(redis_url: &str, overrides: &[(&str, &str)]) -> Settings {
     let mut env: HashMap<String, String> = [
         ("REDIS_URL", redis_url),
@@ -39,7 +52,7 @@ pub fn test_settings(redis_url: &str, overrides: &[(&str, &str)]) -> Settings {
         ("ADMIN_KEYS", ADMIN_KEY),
         ("SIGNING_SECRET", SIGNING_SECRET),
         ("WORKERS", "1"),
-        ("REDIS_TIMEOUT", "250ms"),
+        ("REDIS_TIMEOUT", TEST_REDIS_TIMEOUT),
         ("LISTEN", "127.0.0.1:0"),
     ]
     .iter()
@@ -52,7 +65,16 @@ pub fn test_settings(redis_url: &str, overrides: &[(&str, &str)]) -> Settings {
 }
 
 /// A running sessiongate, and the Redis it owns (if it owns one).
+///
+/// The service runs on its own OS thread with its own tokio runtime (and
+/// actix's worker threads), never on the test's runtime: a test body that
+/// computes or blocks for a while cannot starve the service's workers, its
+/// global-state refresher or its pub/sub listener. Dropping the `TestApp`
+/// stops the server, ends that runtime (refresher and listener with it) and
+/// waits for the thread to finish, so no server outlives its test.
 pub struct TestApp {
+    /// First, so it drops first: the app stops before its Redis is killed.
+    running: RunningApp,
     pub address: String,
     pub port: u16,
     pub client: reqwest::Client,
@@ -81,11 +103,7 @@ pub async fn spawn_app_on(redis_url: &str, overrides: &[(&str, &str)]) -> TestAp
     init_tracing();
     let settings = test_settings(redis_url, overrides);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    let app = Application::build_with_listener(settings.clone(), listener)
-        .await
-        .expect("application builds");
-    let port = app.port();
-    tokio::spawn(app.run_until_stopped());
+    let (running, port) = RunningApp::start(settings.clone(), listener).await;
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
         port,
@@ -97,6 +115,88 @@ pub async fn spawn_app_on(redis_url: &str, overrides: &[(&str, &str)]) -> TestAp
         settings,
         redis: None,
         redis_url: redis_url.to_string(),
+        running,
+    }
+}
+
+/// How long dropping a [`TestApp`] waits for its thread to finish.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The thread serving one [`TestApp`]: a stop signal, and a channel that
+/// closes when the thread has shut its runtime down.
+struct RunningApp {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// In a mutex only so `TestApp` stays `Sync` (tests share it by `Arc`).
+    finished: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl RunningApp {
+    /// Builds and runs the application on a new thread with its own
+    /// multi-threaded runtime; returns once it serves, with its port.
+    async fn start(settings: Settings, listener: TcpListener) -> (RunningApp, u16) {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<u16, String>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // Never sent on: the receiver sees the sender dropped when the
+        // thread ends (normally or by a panic).
+        let (finished_tx, finished_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("sessiongate-under-test".into())
+            .spawn(move || {
+                let _finished = finished_tx;
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("sessiongate-under-test-rt")
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the app under test");
+                runtime.block_on(async move {
+                    let app = match Application::build_with_listener(settings, listener).await {
+                        Ok(app) => app,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(app.port()));
+                    // Dropping the server (when the stop signal wins) closes
+                    // its listener and stops its workers.
+                    tokio::select! {
+                        result = app.run_until_stopped() => {
+                            if let Err(e) = result {
+                                eprintln!("the app under test stopped: {e}");
+                            }
+                        }
+                        _ = stop_rx => {}
+                    }
+                });
+                // Ends the refresher, the listener and every other task.
+                runtime.shutdown_timeout(Duration::from_secs(5));
+            })
+            .expect("spawn the app's thread");
+        let port = match ready_rx.await {
+            Ok(Ok(port)) => port,
+            Ok(Err(e)) => panic!("application builds: {e}"),
+            Err(_) => panic!("the app's thread ended before the app was built"),
+        };
+        (
+            RunningApp {
+                stop: Some(stop_tx),
+                finished: Mutex::new(finished_rx),
+            },
+            port,
+        )
+    }
+}
+
+impl Drop for RunningApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        // Bounded: the thread needs no help from the test's runtime to end.
+        if let Ok(finished) = self.finished.lock() {
+            let _ = finished.recv_timeout(STOP_TIMEOUT);
+        }
     }
 }
 
@@ -375,4 +475,33 @@ pub fn now_ms_wall() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// The harness itself: a dropped `TestApp` is gone, with its refresher and
+/// pub/sub listener, so ~200 tests do not pile up servers and threads.
+#[tokio::test]
+async fn a_dropped_test_app_stops_serving_and_leaves_its_redis() {
+    let redis = TestRedis::start();
+    let clients = || {
+        redis
+            .cmd(&["CLIENT", "LIST"])
+            .lines()
+            .filter(|l| l.contains("addr="))
+            .count()
+    };
+    let app = spawn_app_on(&redis.url(), &[]).await;
+    let healthz = format!("{}/healthz", app.address);
+    let res = app.client.get(&healthz).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // The refresher's and the listener's connections, plus this probe's.
+    assert!(clients() >= 2, "{}", redis.cmd(&["CLIENT", "LIST"]));
+    let client = app.client.clone();
+    drop(app);
+    // Stopped by the time drop returns: nothing listens on the port.
+    assert!(
+        client.get(&healthz).send().await.is_err(),
+        "the dropped app still answers"
+    );
+    // Redis closes the app's connections as soon as it sees them closed.
+    eventually(Duration::from_secs(10), || async { clients() == 1 }).await;
 }

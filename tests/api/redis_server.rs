@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 /// How long a server may take to answer `PING` after it was spawned
 /// (including loading its AOF after [`TestRedis::restart`]).
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Read timeout of one [`TestRedis::cmd`] round trip.
 const CMD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many fresh ports [`TestRedis::start`] tries when another process
@@ -70,7 +70,7 @@ impl TestRedis {
     /// directory and waits until it answers `PING`.
     ///
     /// Panics (with the tail of the server's log) when `redis-server` cannot
-    /// be run or is not ready within 10 s.
+    /// be run or is not ready within 30 s.
     pub fn start() -> TestRedis {
         TestRedis::start_with(&[])
     }

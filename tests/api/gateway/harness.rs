@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long a gateway may take to accept connections after it was spawned.
-const READY_TIMEOUT: Duration = Duration::from_secs(5);
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many fresh ports a gateway start tries when another process took the
 /// chosen one between our probe and the gateway's bind.
 const PORT_ATTEMPTS: usize = 5;
