@@ -395,12 +395,17 @@ async fn sign_in(
         ));
     }
     let peer = req.peer_addr().map(|a| a.ip());
-    if let Some(retry_after) = peer.and_then(|ip| state.key_failures.blocked(ip)) {
-        return Err(ConsoleError::TooMany { retry_after });
-    }
     let key = form.admin_key.as_deref().unwrap_or("").trim();
     let secure = auth::is_https(&req, &state.origin);
+    // As on the API: the key is compared first (constant time, whatever the
+    // throttle says), a right key is accepted even from a throttled address,
+    // and only a refused sign-in waits.
     let role = state.api_keys.role_of(key.as_bytes());
+    if role != Some(Role::Admin)
+        && let Some(retry_after) = peer.and_then(|ip| state.key_failures.blocked(ip))
+    {
+        return Err(ConsoleError::TooMany { retry_after });
+    }
     if role == Some(Role::Admin) {
         let session = auth.issue(now_ms());
         tracing::info!(target: "audit", actor = "console", action = "sign_in", peer = ?peer, outcome = "ok");
