@@ -317,12 +317,15 @@ impl SessionService {
             )
             .await?
             .ok_or(ServiceError::SessionGone)?;
+        // The call may have taken up to `redis_timeout`: the cutoff it was
+        // judged by must still be within `state_max_staleness` now. (A
+        // refusal stands whatever the state: the cutoff only rises. Anything
+        // else, a re-authentication demand included, may rest on a cutoff
+        // that spared a record a logout-all has killed.)
+        self.global.still_valid(&state)?;
         if let (true, Some(max_age)) = (live.reauth_needed, limit_s) {
             return Err(ServiceError::InsufficientAuth { max_age });
         }
-        // The call may have taken up to `redis_timeout`: the cutoff it was
-        // judged by must still be within `state_max_staleness` now.
-        self.global.still_valid(&state)?;
         Ok(ActiveSession {
             token: verified,
             record: live.record,

@@ -57,12 +57,16 @@ pub async fn healthz() -> HttpResponse {
 /// What `/readyz` tells a caller without an admin key when not ready:
 /// Redis's own words (which may name keys, users or its configuration) go
 /// to the log and to admins only.
+/// How often an anonymous `/readyz` may re-read Redis's durability settings.
+const DURABILITY_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub const NOT_READY_GENERIC: &str = "the session store is unavailable";
 
 /// Redis takes the service's scripts and writes, and the global state is
 /// fresh; otherwise 503, with the reason for admin-key callers only. When
 /// ready, also re-reads Redis's durability settings (gauges, a warning on
-/// change; never a reason to be unready), listed to admin-key callers.
+/// change; never a reason to be unready), listed to admin-key callers: on
+/// every admin-key call, and at most every ten seconds for anyone else.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Status), (status = 503, body = ErrorBody)))]
 pub async fn readyz(
@@ -75,9 +79,8 @@ pub async fn readyz(
         Err(e) => Err(e),
     };
     match ready {
-        Ok(()) => {
-            let checks = service.store().check_durability(false).await;
-            let redis_settings = super::extract::holds_admin_key(&req).then(|| match checks {
+        Ok(()) if super::extract::holds_admin_key(&req) => {
+            let redis_settings = Some(match service.store().check_durability(false).await {
                 Ok(checks) => checks.into_iter().map(RedisSetting::from).collect(),
                 Err(e) => vec![RedisSetting {
                     setting: "*",
@@ -89,6 +92,18 @@ pub async fn readyz(
             Ok(HttpResponse::Ok().json(Status {
                 status: "ready",
                 redis_settings,
+            }))
+        }
+        Ok(()) => {
+            // Anonymous probes (orchestrators poll this) re-read the
+            // settings at most every ten seconds.
+            service
+                .store()
+                .check_durability_if_due(DURABILITY_RECHECK)
+                .await;
+            Ok(HttpResponse::Ok().json(Status {
+                status: "ready",
+                redis_settings: None,
             }))
         }
         Err(e) => {

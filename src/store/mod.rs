@@ -311,6 +311,10 @@ pub struct Store {
     /// Monotonic origin for `next_connect_ms`.
     clock: std::time::Instant,
     next_connect_ms: AtomicU64,
+    /// When the durability settings were last read for an anonymous
+    /// `/readyz` (ms on `clock`, 0: never), so callers without a key cannot
+    /// make Redis run `CONFIG GET` more than once per interval.
+    durability_checked_ms: AtomicU64,
     reconnect_backoff: Duration,
     timeout: Duration,
     keys: KeySchema,
@@ -371,6 +375,7 @@ impl Store {
             reconnecting: tokio::sync::Mutex::new(()),
             clock: std::time::Instant::now(),
             next_connect_ms: AtomicU64::new(0),
+            durability_checked_ms: AtomicU64::new(0),
             reconnect_backoff: timeout.min(Duration::from_millis(200)),
             timeout,
             keys,
@@ -591,10 +596,15 @@ impl Store {
             .arg(if full { "1" } else { "0" })
             .arg(max_auth_age_ms);
         let mut it = self.run_script(&self.scripts.verify, cmd).await?;
-        let status = int(it.next())?;
-        if status == 0 {
-            return Ok(None);
-        }
+        let status = match int(it.next())? {
+            0 => return Ok(None),
+            status @ (1 | 2) => status,
+            other => {
+                return Err(StoreError::Protocol(format!(
+                    "verify status {other} is not 0, 1 or 2"
+                )));
+            }
+        };
         let record = if full {
             Some(SessionRecord {
                 field: session.field().to_string(),
@@ -880,7 +890,30 @@ impl Store {
     /// `log_all`, else only when its state changed since the last check.
     /// Fails only when Redis cannot be reached; a refused `CONFIG` is a
     /// result ("cannot check"), not an error.
+    /// [`Store::check_durability`] at most once per `every` (the first call
+    /// always runs; concurrent callers do not pile up): for probes anyone
+    /// may send, which keep the gauges fresh without letting them multiply
+    /// Redis's work.
+    pub async fn check_durability_if_due(&self, every: Duration) {
+        let now = self.clock.elapsed().as_millis() as u64 + 1;
+        let last = self.durability_checked_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < every.as_millis() as u64 {
+            return;
+        }
+        if self
+            .durability_checked_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            let _ = self.check_durability(false).await;
+        }
+    }
+
     pub async fn check_durability(&self, log_all: bool) -> Result<Vec<SettingCheck>, StoreError> {
+        self.durability_checked_ms.store(
+            self.clock.elapsed().as_millis() as u64 + 1,
+            Ordering::Relaxed,
+        );
         let checks = if self.cluster.is_some() {
             DURABILITY_SETTINGS
                 .iter()

@@ -152,18 +152,28 @@ async fn a_pre_cutoff_token_is_never_confirmed_past_the_bound_even_by_a_slow_cal
     proxy.delay(Duration::from_secs(4));
     assert_eq!(a.logout_all().await.status(), StatusCode::OK);
     let mut verifies = Vec::new();
-    for _ in 0..10 {
+    // Half of them on a route demanding a fresh password (max_age=0): a
+    // re-authentication demand would rest on the same stale cutoff, so it
+    // is a 503 too, never a 401 insufficient_user_authentication.
+    for i in 0..10 {
         let b = b.clone();
         let token = s.token.clone();
-        verifies.push(tokio::spawn(async move { b.verify_status(&token).await }));
+        let path = if i % 2 == 0 {
+            "/v1/verify"
+        } else {
+            "/v1/verify?max_age=0"
+        };
+        verifies.push(tokio::spawn(async move {
+            (path, b.verify_at(path, &token).await.status())
+        }));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for v in verifies {
-        let status = v.await.unwrap();
+        let (path, status) = v.await.unwrap();
         assert_eq!(
             status,
             StatusCode::SERVICE_UNAVAILABLE,
-            "a verify sent after the logout-all was answered {status}"
+            "{path} sent after the logout-all was answered {status}"
         );
     }
     // The record was there all along (B's old cutoff found it alive).
