@@ -55,6 +55,10 @@ pub struct ConsoleAuth {
     cookie_key: [u8; 32],
     csrf_key: [u8; 32],
     pub ttl: Duration,
+    /// Fingerprints of the configured admin keys (see [`ConsoleAuth::fingerprint`]):
+    /// a cookie names the key it was signed in with, and is refused once
+    /// that key is no longer configured.
+    admin_keys: Vec<String>,
     /// Nonces of signed-out sessions → their expiry (ms).
     signed_out: Mutex<HashMap<String, i64>>,
 }
@@ -92,20 +96,36 @@ fn mac_ok(key: &[u8; 32], parts: &[&[u8]], presented: &str) -> bool {
 }
 
 impl ConsoleAuth {
-    pub fn new(secret: &Secret, ttl: Duration) -> ConsoleAuth {
+    pub fn new(secret: &Secret, ttl: Duration, admin_keys: &[Secret]) -> ConsoleAuth {
+        let cookie_key = derive(secret, "console-session-cookie");
         ConsoleAuth {
-            cookie_key: derive(secret, "console-session-cookie"),
+            admin_keys: admin_keys
+                .iter()
+                .map(|k| Self::fingerprint(&cookie_key, k.expose().as_bytes()))
+                .collect(),
+            cookie_key,
             csrf_key: derive(secret, "console-csrf-token"),
             ttl,
             signed_out: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A new session cookie value, valid until now + ttl.
-    pub fn issue(&self, now_ms: i64) -> ConsoleSession {
+    /// A short keyed fingerprint of an admin key: names it in a cookie
+    /// without revealing anything about it.
+    fn fingerprint(cookie_key: &[u8; 32], admin_key: &[u8]) -> String {
+        let tag = mac(cookie_key, &[b"admin-key", admin_key])
+            .finalize()
+            .into_bytes();
+        URL_SAFE_NO_PAD.encode(&tag[..12])
+    }
+
+    /// A new session cookie value for a sign-in with `admin_key`, valid
+    /// until now + ttl and while that key stays configured.
+    pub fn issue(&self, now_ms: i64, admin_key: &[u8]) -> ConsoleSession {
         let expires_ms = now_ms + self.ttl.as_millis() as i64;
         let nonce = random_b64(16);
-        let payload = format!("{expires_ms}.{nonce}");
+        let key = Self::fingerprint(&self.cookie_key, admin_key);
+        let payload = format!("{expires_ms}.{key}.{nonce}");
         let tag = mac(&self.cookie_key, &[b"session", payload.as_bytes()])
             .finalize()
             .into_bytes();
@@ -116,16 +136,20 @@ impl ConsoleAuth {
         }
     }
 
-    /// The session a cookie value stands for, if it is genuine, unexpired
-    /// and not signed out.
+    /// The session a cookie value stands for, if it is genuine, unexpired,
+    /// signed in with an admin key still configured, and not signed out.
     pub fn check(&self, value: &str, now_ms: i64) -> Option<ConsoleSession> {
         let (payload, tag) = value.rsplit_once('.')?;
         if !mac_ok(&self.cookie_key, &[b"session", payload.as_bytes()], tag) {
             return None;
         }
-        let (expires, nonce) = payload.split_once('.')?;
+        let mut parts = payload.splitn(3, '.');
+        let (expires, key, nonce) = (parts.next()?, parts.next()?, parts.next()?);
         let expires_ms: i64 = expires.parse().ok()?;
         if expires_ms <= now_ms {
+            return None;
+        }
+        if !self.admin_keys.iter().any(|k| k == key) {
             return None;
         }
         if self.lock().contains_key(nonce) {
@@ -266,14 +290,44 @@ pub fn same_origin(req: &HttpRequest, origin: &OriginPolicy) -> bool {
 mod tests {
     use super::*;
 
+    const KEY: &[u8] = b"admin-key-0123456789abcdef0123456789abc";
+
     fn auth() -> ConsoleAuth {
-        ConsoleAuth::new(&Secret::new("s".repeat(40)), Duration::from_secs(60))
+        ConsoleAuth::new(
+            &Secret::new("s".repeat(40)),
+            Duration::from_secs(60),
+            &[Secret::new(String::from_utf8(KEY.to_vec()).unwrap())],
+        )
+    }
+
+    #[test]
+    fn a_cookie_is_refused_once_its_admin_key_is_removed() {
+        let secret = Secret::new("s".repeat(40));
+        let ttl = Duration::from_secs(60);
+        let other = Secret::new("another-admin-key-0123456789abcdef0123");
+        let both = ConsoleAuth::new(
+            &secret,
+            ttl,
+            &[
+                Secret::new(String::from_utf8(KEY.to_vec()).unwrap()),
+                other.clone(),
+            ],
+        );
+        let s = both.issue(1_000, KEY);
+        assert!(both.check(&s.value, 1_000).is_some());
+        // Same secret, the key that signed in is gone (rotated out after a leak).
+        let rotated = ConsoleAuth::new(&secret, ttl, &[other]);
+        assert!(rotated.check(&s.value, 1_000).is_none());
+        assert!(
+            !s.value.contains("admin-key"),
+            "the key itself is not in the cookie"
+        );
     }
 
     #[test]
     fn a_cookie_checks_until_expiry_and_not_after_tampering() {
         let a = auth();
-        let s = a.issue(1_000);
+        let s = a.issue(1_000, KEY);
         assert!(a.check(&s.value, 1_000).is_some());
         assert!(a.check(&s.value, 60_999).is_some());
         assert!(a.check(&s.value, 61_000).is_none(), "expired");
@@ -281,17 +335,22 @@ mod tests {
         let (_, rest) = s.value.split_once('.').unwrap();
         assert!(a.check(&format!("99999999999.{rest}"), 1_000).is_none());
         // Another secret's cookie.
-        let other = ConsoleAuth::new(&Secret::new("t".repeat(40)), Duration::from_secs(60));
+        let other = ConsoleAuth::new(
+            &Secret::new("t".repeat(40)),
+            Duration::from_secs(60),
+            &[Secret::new(String::from_utf8(KEY.to_vec()).unwrap())],
+        );
         assert!(other.check(&s.value, 1_000).is_none());
         assert!(a.check("", 1_000).is_none());
         assert!(a.check("1.2.3", 1_000).is_none());
+        assert!(a.check("1.2.3.4", 1_000).is_none());
     }
 
     #[test]
     fn csrf_tokens_bind_to_their_session_and_sign_out_sticks() {
         let a = auth();
-        let s1 = a.issue(1_000);
-        let s2 = a.issue(1_000);
+        let s1 = a.issue(1_000, KEY);
+        let s2 = a.issue(1_000, KEY);
         let t1 = a.csrf_for(&s1);
         assert!(a.csrf_ok(&s1, Some(&t1)));
         assert!(!a.csrf_ok(&s2, Some(&t1)));

@@ -53,7 +53,11 @@ pub struct Console {
 impl Console {
     pub fn new(settings: &Settings) -> Console {
         Console {
-            auth: ConsoleAuth::new(&settings.signing_secret, settings.console_session_ttl),
+            auth: ConsoleAuth::new(
+                &settings.signing_secret,
+                settings.console_session_ttl,
+                &settings.admin_keys,
+            ),
             idle: settings.idle_timeout,
             reauth_after: settings.reauth_after,
             samples: Mutex::new(VecDeque::new()),
@@ -407,7 +411,7 @@ async fn sign_in(
         return Err(ConsoleError::TooMany { retry_after });
     }
     if role == Some(Role::Admin) {
-        let session = auth.issue(now_ms());
+        let session = auth.issue(now_ms(), key.as_bytes());
         tracing::info!(target: "audit", actor = "console", action = "sign_in", peer = ?peer, outcome = "ok");
         let mut res = see_other("/admin/");
         res.add_cookie(&auth::cookie(COOKIE, session.value, auth.ttl, secure))
