@@ -300,3 +300,148 @@ mod tests {
         assert!(f.blocked("2001:db8:1:3::1".parse().unwrap()).is_none());
     }
 }
+
+/// Branches and boundaries the first tests left open (found by
+/// `scripts/mutants`; see scripts/mutants.md).
+#[cfg(test)]
+mod mutation_tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    fn bearer_of(value: &str) -> Option<Vec<u8>> {
+        let req = TestRequest::default()
+            .insert_header((header::AUTHORIZATION, value))
+            .to_http_request();
+        bearer(&req).map(<[u8]>::to_vec)
+    }
+
+    #[test]
+    fn bearer_takes_the_credentials_of_a_bearer_header_only() {
+        assert_eq!(
+            bearer_of("Bearer abc.def").as_deref(),
+            Some(&b"abc.def"[..])
+        );
+        assert_eq!(bearer_of("bEaReR  tok  ").as_deref(), Some(&b"tok"[..]));
+        assert_eq!(bearer_of("Bearer x").as_deref(), Some(&b"x"[..]));
+        // The scheme alone, another scheme, or no header: no credentials.
+        assert_eq!(bearer_of("Bearer "), None);
+        assert_eq!(bearer_of("Bearer"), None);
+        assert_eq!(bearer_of("Basic dXNlcjpwYXNz"), None);
+        assert_eq!(bearer_of("Bearerxtoken"), None);
+        let req = TestRequest::default().to_http_request();
+        assert_eq!(bearer(&req), None);
+    }
+
+    #[test]
+    fn a_key_listed_twice_keeps_its_role() {
+        let k = Secret::new("k".repeat(40));
+        let other = Secret::new("o".repeat(40));
+        let keys = ApiKeys::new(&[], &[k.clone(), other, k.clone()]);
+        assert_eq!(keys.role_of(k.expose().as_bytes()), Some(Role::Admin));
+        let keys = ApiKeys::new(&[k.clone(), k.clone()], &[]);
+        assert_eq!(keys.role_of(k.expose().as_bytes()), Some(Role::Issuer));
+    }
+
+    #[test]
+    fn ipv6_peers_are_bucketed_by_their_64_and_mapped_v4_as_v4() {
+        let b = |s: &str| bucket(s.parse().unwrap());
+        assert_eq!(b("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), b("2001:db8:1:2::"));
+        assert_ne!(b("2001:db8:1:2::1"), b("2001:db8:1:3::1"));
+        // Bit 64 is the lowest bit of the prefix: it separates buckets.
+        assert_ne!(b("2001:db8:1:2::1"), b("2001:db8:1:3::1"));
+        assert_ne!(b("2001:db8:1:0::1"), b("2001:db8:1:1::1"));
+        assert_eq!(b("::ffff:10.0.0.1"), b("10.0.0.1"));
+        assert_eq!(b("10.0.0.1"), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn retry_after_counts_down_from_the_window() {
+        let f = KeyFailures::new(1, Duration::from_secs(90));
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        f.record(peer);
+        // Let the clock move (not a synchronisation: any elapsed time works).
+        std::thread::sleep(Duration::from_millis(5));
+        let retry = f.blocked(peer).expect("blocked after one failure");
+        assert!((1..90).contains(&retry), "retry_after = {retry}");
+    }
+
+    fn backdated(by: Duration) -> Instant {
+        Instant::now()
+            .checked_sub(by)
+            .expect("the monotonic clock is older than the backdating")
+    }
+
+    /// Fills the table to `MAX_TRACKED_PEERS - 1` entries whose window
+    /// ended (`expired`) or not, without waiting for a real window.
+    fn fill(f: &KeyFailures, expired: bool) {
+        let since = if expired {
+            backdated(f.window + Duration::from_secs(1))
+        } else {
+            Instant::now()
+        };
+        let mut state = f.lock();
+        for i in 0..(MAX_TRACKED_PEERS as u32 - 1) {
+            let ip = IpAddr::V4((0x0a00_0000 + i).into());
+            state.peers.insert(ip, (1, since));
+        }
+    }
+
+    #[test]
+    fn a_full_table_of_expired_peers_is_pruned_and_live_blocks_survive() {
+        let f = KeyFailures::new(2, Duration::from_secs(60));
+        fill(&f, true);
+        // The last entry is a live block (two failures just now): full.
+        let blocked_peer: IpAddr = "192.0.2.1".parse().unwrap();
+        f.lock().peers.insert(blocked_peer, (2, Instant::now()));
+        assert_eq!(f.lock().peers.len(), MAX_TRACKED_PEERS);
+        assert!(f.blocked(blocked_peer).is_some());
+        // The table is full: a new peer prunes the expired entries…
+        let newcomer: IpAddr = "192.0.2.2".parse().unwrap();
+        f.record(newcomer);
+        f.record(newcomer);
+        assert!(
+            f.blocked(newcomer).is_some(),
+            "the newcomer was not tracked"
+        );
+        // …and the live ones stay.
+        assert!(f.blocked(blocked_peer).is_some(), "a live block was pruned");
+        assert_eq!(f.lock().peers.len(), 2);
+    }
+
+    #[test]
+    fn pruning_runs_at_most_once_a_second() {
+        let f = KeyFailures::new(1, Duration::from_secs(60));
+        fill(&f, true);
+        let live: IpAddr = "192.0.2.1".parse().unwrap();
+        f.lock().peers.insert(live, (1, Instant::now()));
+        // A prune just ran: a new peer of a full table is not tracked.
+        f.lock().pruned = Some(Instant::now());
+        let late: IpAddr = "192.0.2.2".parse().unwrap();
+        f.record(late);
+        assert!(f.blocked(late).is_none());
+        // Over a second later the next new peer prunes again and is tracked.
+        f.lock().pruned = Some(backdated(Duration::from_secs(2)));
+        f.record(late);
+        assert!(f.blocked(late).is_some());
+    }
+
+    #[test]
+    fn a_full_table_of_live_peers_still_counts_known_peers_and_no_new_ones() {
+        let f = KeyFailures::new(2, Duration::from_secs(60));
+        fill(&f, false);
+        let known: IpAddr = "10.0.0.0".parse().unwrap(); // the first filled entry
+        let last: IpAddr = "192.0.2.1".parse().unwrap();
+        f.record(last); // the table is now full
+        assert_eq!(f.lock().peers.len(), MAX_TRACKED_PEERS);
+        f.record(known);
+        assert!(
+            f.blocked(known).is_some(),
+            "a known peer's failure was not counted"
+        );
+        let newcomer: IpAddr = "192.0.2.2".parse().unwrap();
+        f.record(newcomer);
+        f.record(newcomer);
+        assert!(f.blocked(newcomer).is_none());
+        assert_eq!(f.lock().peers.len(), MAX_TRACKED_PEERS);
+    }
+}
