@@ -445,3 +445,195 @@ mod mutation_tests {
         assert_eq!(f.lock().peers.len(), MAX_TRACKED_PEERS);
     }
 }
+
+/// The extractors on real requests, with a real `AppState` (its Redis is
+/// never called: these checks all happen before any Redis call).
+#[cfg(test)]
+mod extractor_tests {
+    use std::sync::Arc;
+
+    use actix_web::test::TestRequest;
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::http::origin::OriginPolicy;
+    use crate::metrics::Metrics;
+    use crate::session::SessionService;
+    use crate::state::Global;
+    use crate::store::{KeySchema, Store};
+
+    const ISSUER_KEY: &str = "issuer-key-0123456789abcdef0123456789";
+    const ADMIN_KEY: &str = "admin-key-0123456789abcdef0123456789ab";
+
+    fn app_state() -> web::Data<AppState> {
+        let env = |k: &str| match k {
+            "SESSIONGATE_ISSUER_KEYS" => Some(ISSUER_KEY.to_string()),
+            "SESSIONGATE_ADMIN_KEYS" => Some(ADMIN_KEY.to_string()),
+            "SESSIONGATE_SIGNING_SECRET" => Some("s".repeat(32)),
+            _ => None,
+        };
+        let settings = Settings::load(&env).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let timeout = Duration::from_millis(250);
+        // Connects lazily: nothing here reaches it.
+        let store = Store::new(
+            "redis://127.0.0.1:1",
+            &[],
+            timeout,
+            1,
+            KeySchema::new("unit:"),
+            metrics.clone(),
+        )
+        .unwrap();
+        let global = Global::new(
+            Secret::new("s".repeat(32)),
+            settings.jwt_algorithm,
+            Duration::from_secs(5),
+        );
+        let service = SessionService::new(
+            &settings,
+            Arc::new(store),
+            Arc::new(global),
+            metrics.clone(),
+        );
+        web::Data::new(AppState {
+            service: Arc::new(service),
+            api_keys: ApiKeys::new(&[Secret::new(ISSUER_KEY)], &[Secret::new(ADMIN_KEY)]),
+            metrics,
+            cookie_name: "session".into(),
+            origin: OriginPolicy {
+                csrf_protection: true,
+                allowed_origins: vec![],
+                trusted_proxies: vec![],
+            },
+            key_failures: KeyFailures::new(3, Duration::from_secs(60)),
+        })
+    }
+
+    fn request(state: &web::Data<AppState>, key: Option<&str>) -> HttpRequest {
+        let mut req = TestRequest::post()
+            .app_data(state.clone())
+            .peer_addr("192.0.2.7:4000".parse().unwrap());
+        if let Some(key) = key {
+            req = req.insert_header((header::AUTHORIZATION, format!("Bearer {key}")));
+        }
+        req.to_http_request()
+    }
+
+    fn extract<T: FromRequest<Future = Ready<Result<T, ApiError>>>>(
+        req: &HttpRequest,
+    ) -> Result<T, ApiError> {
+        T::from_request(req, &mut Payload::None).into_inner()
+    }
+
+    #[test]
+    fn each_principal_accepts_its_key_only() {
+        let s = app_state();
+        let admin = request(&s, Some(ADMIN_KEY));
+        let issuer = request(&s, Some(ISSUER_KEY));
+        let none = request(&s, None);
+        assert!(extract::<AdminPrincipal>(&admin).is_ok());
+        assert!(matches!(
+            extract::<AdminPrincipal>(&issuer),
+            Err(ApiError::Forbidden)
+        ));
+        assert!(matches!(
+            extract::<AdminPrincipal>(&none),
+            Err(ApiError::Unauthorized)
+        ));
+        assert!(extract::<IssuerPrincipal>(&issuer).is_ok());
+        assert!(matches!(
+            extract::<IssuerPrincipal>(&admin),
+            Err(ApiError::Forbidden)
+        ));
+        assert!(matches!(
+            extract::<IssuerPrincipal>(&none),
+            Err(ApiError::Unauthorized)
+        ));
+        assert!(matches!(
+            extract::<KeyHolder>(&admin),
+            Ok(KeyHolder(Role::Admin))
+        ));
+        assert!(matches!(
+            extract::<KeyHolder>(&issuer),
+            Ok(KeyHolder(Role::Issuer))
+        ));
+        assert!(matches!(
+            extract::<KeyHolder>(&none),
+            Err(ApiError::Unauthorized)
+        ));
+    }
+
+    #[test]
+    fn wrong_keys_are_refused_and_counted_until_429() {
+        let s = app_state();
+        let wrong = request(&s, Some("not-a-key"));
+        for _ in 0..3 {
+            assert!(matches!(
+                extract::<AdminPrincipal>(&wrong),
+                Err(ApiError::Unauthorized)
+            ));
+        }
+        assert!(matches!(
+            extract::<AdminPrincipal>(&wrong),
+            Err(ApiError::TooManyRequests { .. })
+        ));
+        assert!(matches!(
+            extract::<IssuerPrincipal>(&wrong),
+            Err(ApiError::TooManyRequests { .. })
+        ));
+        assert!(matches!(
+            extract::<KeyHolder>(&wrong),
+            Err(ApiError::TooManyRequests { .. })
+        ));
+    }
+
+    fn token_of(req: &HttpRequest) -> Result<String, ApiError> {
+        extract::<BearerToken>(req).map(|t| t.0)
+    }
+
+    #[test]
+    fn the_token_comes_from_the_header_else_the_cookie() {
+        let s = app_state();
+        let header_token = TestRequest::get()
+            .app_data(s.clone())
+            .insert_header((header::AUTHORIZATION, "Bearer abc.def.ghi"))
+            .cookie(actix_web::cookie::Cookie::new("session", "from-cookie"))
+            .to_http_request();
+        assert_eq!(token_of(&header_token).unwrap(), "abc.def.ghi");
+        let blank = TestRequest::get()
+            .app_data(s.clone())
+            .insert_header((header::AUTHORIZATION, "Bearer    "))
+            .to_http_request();
+        assert!(matches!(token_of(&blank), Err(ApiError::InvalidToken)));
+        let cookie = TestRequest::get()
+            .app_data(s.clone())
+            .cookie(actix_web::cookie::Cookie::new("session", "from-cookie"))
+            .to_http_request();
+        assert_eq!(token_of(&cookie).unwrap(), "from-cookie");
+        let empty_cookie = TestRequest::get()
+            .app_data(s.clone())
+            .cookie(actix_web::cookie::Cookie::new("session", ""))
+            .to_http_request();
+        assert!(matches!(
+            token_of(&empty_cookie),
+            Err(ApiError::InvalidToken)
+        ));
+        let other_cookie = TestRequest::get()
+            .app_data(s.clone())
+            .cookie(actix_web::cookie::Cookie::new("other", "x"))
+            .to_http_request();
+        assert!(matches!(
+            token_of(&other_cookie),
+            Err(ApiError::InvalidToken)
+        ));
+        // A cookie token on a cross-site unsafe request: the CSRF rule.
+        let cross = TestRequest::post()
+            .app_data(s.clone())
+            .insert_header(("host", "site.test"))
+            .insert_header(("origin", "https://evil.test"))
+            .cookie(actix_web::cookie::Cookie::new("session", "from-cookie"))
+            .to_http_request();
+        assert!(matches!(token_of(&cross), Err(ApiError::CrossSite)));
+    }
+}
