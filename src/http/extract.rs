@@ -426,6 +426,21 @@ mod mutation_tests {
     }
 
     #[test]
+    fn only_a_full_table_is_pruned_so_the_next_full_table_can_prune_at_once() {
+        let f = KeyFailures::new(1, Duration::from_secs(60));
+        fill(&f, true);
+        // Not full yet (one slot left): no prune, so the once-a-second
+        // budget is not spent on it…
+        f.record("192.0.2.1".parse().unwrap());
+        // …and when the table is full of expired entries (again), the next
+        // new peer prunes at once and counts.
+        fill(&f, true);
+        let newcomer: IpAddr = "192.0.2.2".parse().unwrap();
+        f.record(newcomer);
+        assert!(f.blocked(newcomer).is_some());
+    }
+
+    #[test]
     fn a_full_table_of_live_peers_still_counts_known_peers_and_no_new_ones() {
         let f = KeyFailures::new(2, Duration::from_secs(60));
         fill(&f, false);
