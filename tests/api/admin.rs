@@ -730,3 +730,31 @@ async fn a_rotated_out_key_retires_a_whole_token_lifetime_plus_leeway_later() {
         "retire_at {retire_at}, rotation between {before} and {after}"
     );
 }
+
+#[tokio::test]
+async fn logout_all_purges_records_that_nobody_presents_again() {
+    // The other logout-all test verifies every old token, and a verify of a
+    // dead session deletes its record itself: the purge must be seen alone.
+    let app = spawn_app().await;
+    for user in ["erin", "frank"] {
+        for device in ["laptop", "phone"] {
+            app.create(user, device).await;
+        }
+    }
+    assert_eq!(user_hashes(&app).len(), 2);
+    json_of(app.logout_all().await).await;
+    eventually(Duration::from_secs(10), || {
+        let left = user_hashes(&app);
+        async move { left.is_empty() }
+    })
+    .await;
+    // A second logout-all later purges what was created in between.
+    app.create("grace", "laptop").await;
+    assert_eq!(user_hashes(&app).len(), 1);
+    json_of(app.logout_all().await).await;
+    eventually(Duration::from_secs(10), || {
+        let left = user_hashes(&app);
+        async move { left.is_empty() }
+    })
+    .await;
+}
