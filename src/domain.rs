@@ -256,3 +256,76 @@ mod tests {
         assert_eq!(Metadata::parse(None).unwrap().as_stored(), "");
     }
 }
+
+/// Accessors and boundaries the first tests left open (found by
+/// `scripts/mutants`; see scripts/mutants.md).
+#[cfg(test)]
+mod mutation_tests {
+    use super::*;
+
+    #[test]
+    fn ids_keep_their_text_and_the_tag_is_the_hash_prefix() {
+        let user = UserId::parse("alice").unwrap();
+        assert_eq!(user.as_str(), "alice");
+        // base64url(SHA-256("alice")[..16]), computed independently.
+        assert_eq!(user.tag().as_str(), "K9gGyX8OAK8aH8Myj6djqQ");
+        assert_eq!(DeviceId::parse("laptop").unwrap().as_str(), "laptop");
+        let random = DeviceId::random();
+        assert!(uuid::Uuid::parse_str(random.as_str()).is_ok());
+        assert_ne!(DeviceId::random(), random);
+        let sid = SessionId::generate(&user.tag());
+        assert_eq!(sid.tag_str(), "K9gGyX8OAK8aH8Myj6djqQ");
+        assert_eq!(sid.user_tag(), user.tag());
+    }
+
+    const TAG_WITH_DASH_AND_UNDERSCORE: &str = "-_AAAAAAAAAAAAAAAAAAAA";
+    const FIELD_WITH_UNDERSCORE_AND_DASH: &str = "_-AAAAAAAAAAAAAAAAAAAw";
+    const CANONICAL: &str = "AAAAAAAAAAAAAAAAAAAAAA";
+    /// 22 base64url characters whose last one sets bits past the 128.
+    const NON_CANONICAL: &str = "AAAAAAAAAAAAAAAAAAAAAB";
+
+    #[test]
+    fn session_ids_may_use_the_whole_base64url_alphabet() {
+        let id = format!("{TAG_WITH_DASH_AND_UNDERSCORE}{FIELD_WITH_UNDERSCORE_AND_DASH}");
+        let sid = SessionId::parse(&id).unwrap();
+        assert_eq!(sid.as_str(), id);
+        assert_eq!(sid.tag_str(), TAG_WITH_DASH_AND_UNDERSCORE);
+        assert_eq!(sid.field(), FIELD_WITH_UNDERSCORE_AND_DASH);
+    }
+
+    #[test]
+    fn each_half_of_a_session_id_must_be_canonical() {
+        assert!(SessionId::parse(&format!("{CANONICAL}{CANONICAL}")).is_ok());
+        assert!(SessionId::parse(&format!("{NON_CANONICAL}{CANONICAL}")).is_err());
+        assert!(SessionId::parse(&format!("{CANONICAL}{NON_CANONICAL}")).is_err());
+    }
+
+    #[test]
+    fn a_44_byte_session_id_with_non_ascii_is_refused_without_panicking() {
+        // 'é' is two bytes and straddles the tag/field boundary at byte 22.
+        let id = format!("{}é{}", "A".repeat(21), "A".repeat(21));
+        assert_eq!(id.len(), 44);
+        assert!(SessionId::parse(&id).is_err());
+        let id = format!("{}.{}", "A".repeat(21), "A".repeat(22));
+        assert!(SessionId::parse(&id).is_err());
+    }
+
+    fn entries(n: usize) -> Map<String, Value> {
+        (0..n).map(|i| (format!("k{i}"), Value::from(i))).collect()
+    }
+
+    #[test]
+    fn metadata_limits_are_inclusive() {
+        assert!(Metadata::parse(Some(&entries(MAX_METADATA_ENTRIES))).is_ok());
+        assert!(Metadata::parse(Some(&entries(MAX_METADATA_ENTRIES + 1))).is_err());
+        // {"ua":"xxx…"}: 9 bytes of JSON around the value.
+        let sized = |bytes: usize| {
+            let mut m = Map::new();
+            m.insert("ua".into(), Value::from("x".repeat(bytes - 9)));
+            m
+        };
+        let at_cap = Metadata::parse(Some(&sized(MAX_METADATA_BYTES))).unwrap();
+        assert_eq!(at_cap.as_stored().len(), MAX_METADATA_BYTES);
+        assert!(Metadata::parse(Some(&sized(MAX_METADATA_BYTES + 1))).is_err());
+    }
+}

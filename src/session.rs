@@ -471,3 +471,99 @@ impl SessionService {
         }
     }
 }
+
+/// What `SessionService` decides before any Redis call (found open by
+/// `scripts/mutants`; see scripts/mutants.md). The rest of the service is
+/// covered by the integration tests in tests/api, against a real Redis.
+#[cfg(test)]
+mod mutation_tests {
+    use super::*;
+    use crate::config::Secret;
+    use crate::store::KeySchema;
+
+    fn service() -> (SessionService, Settings) {
+        let env = |k: &str| match k {
+            "SESSIONGATE_ISSUER_KEYS" => Some("i".repeat(32)),
+            "SESSIONGATE_ADMIN_KEYS" => Some("a".repeat(32)),
+            "SESSIONGATE_SIGNING_SECRET" => Some("s".repeat(32)),
+            "SESSIONGATE_ISSUER" => Some("auth.example".to_string()),
+            _ => None,
+        };
+        let settings = Settings::load(&env).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        // Connects lazily, and nothing here reaches it: with no global state
+        // loaded, every use case that got past its input checks stops at
+        // the snapshot (fail closed) before any Redis call.
+        let store = Store::new(
+            "redis://127.0.0.1:1",
+            &[],
+            Duration::from_millis(250),
+            1,
+            KeySchema::new("unit:"),
+            metrics.clone(),
+        )
+        .unwrap();
+        let global = Global::new(
+            Secret::new("s".repeat(32)),
+            settings.jwt_algorithm,
+            Duration::from_secs(5),
+        );
+        let service = SessionService::new(&settings, Arc::new(store), Arc::new(global), metrics);
+        (service, settings)
+    }
+
+    fn login(auth_time: Option<i64>) -> CreateRequest {
+        CreateRequest {
+            user: UserId::parse("alice").unwrap(),
+            device: None,
+            auth_time,
+            metadata: Metadata::default(),
+        }
+    }
+
+    #[test]
+    fn now_ms_is_the_wall_clock_in_milliseconds() {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let now = now_ms();
+        // A day of slack: this checks the unit and the source, not timing.
+        assert!((now - wall).abs() < 86_400_000, "{now} vs {wall}");
+    }
+
+    #[test]
+    fn the_service_signs_as_the_configured_issuer() {
+        let (service, settings) = service();
+        assert_eq!(settings.issuer, "auth.example");
+        assert_eq!(service.issuer(), "auth.example");
+    }
+
+    fn refused_as_input(r: &Result<CreatedSession, ServiceError>) -> bool {
+        matches!(r, Err(ServiceError::InvalidRequest(_)))
+    }
+
+    #[tokio::test]
+    async fn auth_time_must_be_between_the_epoch_and_now_plus_leeway() {
+        let (service, settings) = service();
+        let leeway_ms = settings.clock_leeway.as_millis() as i64;
+        assert!(leeway_ms >= 2_000, "the test needs a leeway of 2 s or more");
+        let r = service.create(login(Some(-1))).await;
+        assert!(refused_as_input(&r), "{r:?}");
+        let far = (now_ms() + leeway_ms) / 1000 + 3600;
+        let r = service.create(login(Some(far))).await;
+        assert!(refused_as_input(&r), "{r:?}");
+        // Accepted as input: these reach the global-state snapshot, which
+        // fails closed here (nothing loaded), so the error is a store one.
+        let within_leeway = (now_ms() + leeway_ms / 2) / 1000;
+        for ok in [0, now_ms() / 1000 - 3600, within_leeway] {
+            let r = service.create(login(Some(ok))).await;
+            assert!(
+                matches!(r, Err(ServiceError::Store(_))),
+                "auth_time {ok}: {r:?}"
+            );
+        }
+        let r = service.create(login(None)).await;
+        assert!(matches!(r, Err(ServiceError::Store(_))), "{r:?}");
+    }
+}

@@ -234,3 +234,100 @@ impl Global {
         }
     }
 }
+
+/// The in-process half of the global state: staleness, ordering, the cutoff
+/// that only rises (found open by `scripts/mutants`; see scripts/mutants.md).
+/// The Redis half (refresh, refresher, listener) is covered by the
+/// integration tests in tests/api.
+#[cfg(test)]
+mod mutation_tests {
+    use super::*;
+
+    fn ring(active: &str) -> String {
+        format!(r#"{{"active":"{active}","keys":[{{"kid":"{active}","retire_at":0}}]}}"#)
+    }
+
+    fn record(cutoff_ms: i64, active: &str) -> GlobalRecord {
+        GlobalRecord {
+            cutoff_ms,
+            ring_json: ring(active),
+            now_ms: 0,
+        }
+    }
+
+    fn global(max_staleness: Duration) -> Global {
+        Global::new(Secret::new("s".repeat(32)), Algorithm::HS256, max_staleness)
+    }
+
+    fn ago(d: Duration) -> Instant {
+        Instant::now()
+            .checked_sub(d)
+            .expect("the monotonic clock is older than the backdating")
+    }
+
+    #[test]
+    fn nothing_is_acted_upon_before_the_first_read() {
+        let g = global(Duration::from_secs(60));
+        assert!(matches!(g.snapshot(), Err(StoreError::Connection(_))));
+        assert!(g.age().is_none());
+    }
+
+    #[test]
+    fn a_fresh_copy_is_served_and_a_stale_one_refused() {
+        let g = global(Duration::from_secs(60));
+        g.apply(record(1_000, "k1"), Instant::now()).unwrap();
+        let s = g.snapshot().unwrap();
+        assert_eq!(s.cutoff_ms, 1_000);
+        assert_eq!(s.ring.active, "k1");
+        assert!(g.age().unwrap() < Duration::from_secs(60));
+
+        let g = global(Duration::from_secs(60));
+        g.apply(record(1_000, "k1"), ago(Duration::from_secs(61)))
+            .unwrap();
+        assert!(matches!(g.snapshot(), Err(StoreError::Timeout(_))));
+        assert!(g.age().unwrap() >= Duration::from_secs(61));
+    }
+
+    #[test]
+    fn a_newer_read_installs_its_ring_and_an_older_one_does_not() {
+        let g = global(Duration::from_secs(60));
+        let t0 = ago(Duration::from_secs(2));
+        g.apply(record(1_000, "k1"), t0).unwrap();
+        g.apply(record(1_000, "k2"), ago(Duration::from_secs(1)))
+            .unwrap();
+        assert_eq!(
+            g.snapshot().unwrap().ring.active,
+            "k2",
+            "a rotation was lost"
+        );
+        // A read sent before the current copy's (answered late): its ring
+        // is older, so it is ignored.
+        g.apply(record(1_000, "k1"), t0).unwrap();
+        assert_eq!(g.snapshot().unwrap().ring.active, "k2");
+        // The same ring read again stays.
+        g.apply(record(1_000, "k2"), Instant::now()).unwrap();
+        assert_eq!(g.snapshot().unwrap().ring.active, "k2");
+    }
+
+    #[test]
+    fn the_cutoff_never_moves_back_and_a_bad_ring_is_refused() {
+        let g = global(Duration::from_secs(60));
+        g.apply(record(5_000, "k1"), ago(Duration::from_secs(1)))
+            .unwrap();
+        g.apply(record(3_000, "k1"), Instant::now()).unwrap();
+        assert_eq!(g.snapshot().unwrap().cutoff_ms, 5_000);
+        g.apply(record(9_000, "k1"), ago(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(g.snapshot().unwrap().cutoff_ms, 9_000);
+        let bad = GlobalRecord {
+            cutoff_ms: 10_000,
+            ring_json: r#"{"active":"k9","keys":[]}"#.into(),
+            now_ms: 0,
+        };
+        assert!(matches!(
+            g.apply(bad, Instant::now()),
+            Err(StoreError::Protocol(_))
+        ));
+        assert_eq!(g.snapshot().unwrap().cutoff_ms, 9_000);
+    }
+}

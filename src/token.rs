@@ -813,3 +813,265 @@ mod tests {
         );
     }
 }
+
+/// Boundaries and branches the first tests left open (found by
+/// `scripts/mutants`; see scripts/mutants.md). `now_ms` is passed in, so
+/// every boundary is exact; jsonwebtoken's own `exp` check uses the real
+/// clock, so the tokens here expire well after the real now.
+#[cfg(test)]
+mod mutation_tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn real_now_s() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn ring_with(alg: Algorithm, json: &str) -> KeyRing {
+        KeyRing::from_json(json, SECRET, alg).unwrap()
+    }
+
+    fn one_key_ring(alg: Algorithm) -> KeyRing {
+        ring_with(
+            alg,
+            r#"{"active":"k1","keys":[{"kid":"k1","retire_at":0}]}"#,
+        )
+    }
+
+    fn claims(iat: u64, exp: u64) -> Claims {
+        let user = UserId::parse("alice").unwrap();
+        Claims {
+            sub: "alice".into(),
+            sid: SessionId::generate(&user.tag()).as_str().into(),
+            did: "laptop".into(),
+            iss: "sessiongate".into(),
+            iat,
+            exp,
+            nbf: None,
+        }
+    }
+
+    fn codec(leeway_s: u64) -> TokenCodec {
+        TokenCodec::new(Algorithm::HS256, "sessiongate", leeway_s, 4096)
+    }
+
+    #[test]
+    fn a_key_verifies_until_its_retirement_instant_and_not_at_it() {
+        let t = real_now_s();
+        let retire_at_ms = (t as i64 + 100) * 1000;
+        let signing = one_key_ring(Algorithm::HS256);
+        let ring = ring_with(
+            Algorithm::HS256,
+            &format!(
+                r#"{{"active":"k2","keys":[{{"kid":"k1","retire_at":{retire_at_ms}}},{{"kid":"k2","retire_at":0}}]}}"#
+            ),
+        );
+        let codec = codec(5);
+        let token = codec.sign(&signing, &claims(t, t + 600));
+        assert!(codec.verify(&ring, &token, retire_at_ms - 1000).is_ok());
+        assert!(codec.verify(&ring, &token, retire_at_ms - 1).is_ok());
+        assert_eq!(
+            codec.verify(&ring, &token, retire_at_ms).unwrap_err(),
+            TokenError::UnknownKey
+        );
+        // The same for a token already in the verified-token cache.
+        let cached = TokenCodec::with_cache(Algorithm::HS256, "sessiongate", 5, 4096, 8);
+        assert!(cached.verify(&ring, &token, retire_at_ms - 1).is_ok());
+        assert_eq!(
+            cached.verify(&ring, &token, retire_at_ms).unwrap_err(),
+            TokenError::UnknownKey
+        );
+    }
+
+    #[test]
+    fn new_kids_are_random_url_safe_and_16_characters() {
+        let a = new_kid();
+        let b = new_kid();
+        assert_ne!(a, b);
+        for kid in [&a, &b] {
+            assert_eq!(kid.len(), 16, "{kid}");
+            assert_eq!(URL_SAFE_NO_PAD.decode(kid).unwrap().len(), 12);
+        }
+    }
+
+    #[test]
+    fn derived_keys_are_as_long_as_the_hash_output() {
+        // RFC 7518 §3.2: an HMAC key at least as long as the hash output.
+        assert_eq!(derive_key(SECRET, "k", Algorithm::HS256).len(), 32);
+        assert_eq!(derive_key(SECRET, "k", Algorithm::HS384).len(), 48);
+        assert_eq!(derive_key(SECRET, "k", Algorithm::HS512).len(), 64);
+        // One HKDF stream: the shorter keys are prefixes of the longer.
+        let k512 = derive_key(SECRET, "k", Algorithm::HS512);
+        assert_eq!(derive_key(SECRET, "k", Algorithm::HS256), k512[..32]);
+        assert_ne!(
+            derive_key(b"another secret", "k", Algorithm::HS256),
+            k512[..32]
+        );
+    }
+
+    #[test]
+    fn hs384_and_hs512_codecs_accept_their_own_tokens_and_refuse_the_others() {
+        let t = real_now_s();
+        let now_ms = t as i64 * 1000;
+        let algs = [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+        for alg in algs {
+            let ring = one_key_ring(alg);
+            let codec = TokenCodec::new(alg, "sessiongate", 5, 4096);
+            let token = codec.sign(&ring, &claims(t, t + 60));
+            assert!(codec.verify(&ring, &token, now_ms).is_ok(), "{alg:?}");
+            for other in algs.into_iter().filter(|a| *a != alg) {
+                let other_codec = TokenCodec::new(other, "sessiongate", 5, 4096);
+                assert_eq!(
+                    other_codec
+                        .verify(&one_key_ring(other), &token, now_ms)
+                        .unwrap_err(),
+                    TokenError::Algorithm,
+                    "{alg:?} token on a {other:?} codec"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_cache_hit_returns_the_remembered_verification_and_capacity_0_remembers_nothing() {
+        let t = real_now_s();
+        let now_ms = t as i64 * 1000;
+        let ring = one_key_ring(Algorithm::HS256);
+        let cached = TokenCodec::with_cache(Algorithm::HS256, "sessiongate", 5, 4096, 8);
+        let token = cached.sign(&ring, &claims(t, t + 60));
+        let first = cached.verify(&ring, &token, now_ms).unwrap();
+        let second = cached.verify(&ring, &token, now_ms).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "the second verify was not a hit"
+        );
+        assert_eq!(cached.lock_cache().len(), 1);
+
+        let uncached = codec(5);
+        let first = uncached.verify(&ring, &token, now_ms).unwrap();
+        let second = uncached.verify(&ring, &token, now_ms).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(uncached.lock_cache().len(), 0);
+    }
+
+    #[test]
+    fn the_size_cap_is_inclusive() {
+        let t = real_now_s();
+        let now_ms = t as i64 * 1000;
+        let ring = one_key_ring(Algorithm::HS256);
+        let token = codec(5).sign(&ring, &claims(t, t + 60));
+        let at_cap = TokenCodec::new(Algorithm::HS256, "sessiongate", 5, token.len());
+        assert!(at_cap.verify(&ring, &token, now_ms).is_ok());
+        let under = TokenCodec::new(Algorithm::HS256, "sessiongate", 5, token.len() - 1);
+        assert_eq!(
+            under.verify(&ring, &token, now_ms).unwrap_err(),
+            TokenError::TooLarge
+        );
+    }
+
+    #[test]
+    fn exp_plus_leeway_is_the_last_accepted_second_cached_or_not() {
+        let t = real_now_s();
+        let exp = t + 100;
+        let ring = one_key_ring(Algorithm::HS256);
+        for capacity in [0, 8] {
+            let codec = TokenCodec::with_cache(Algorithm::HS256, "sessiongate", 5, 4096, capacity);
+            let token = codec.sign(&ring, &claims(t, exp));
+            // Fill the cache (when there is one) first.
+            assert!(codec.verify(&ring, &token, t as i64 * 1000).is_ok());
+            let last_ms = (exp as i64 + 5) * 1000 + 999;
+            assert!(
+                codec.verify(&ring, &token, last_ms).is_ok(),
+                "capacity {capacity}"
+            );
+            assert_eq!(
+                codec.verify(&ring, &token, last_ms + 1).unwrap_err(),
+                TokenError::Expired,
+                "capacity {capacity}"
+            );
+        }
+        // With no leeway, exp itself is the last second.
+        let codec = TokenCodec::with_cache(Algorithm::HS256, "sessiongate", 0, 4096, 8);
+        let token = codec.sign(&ring, &claims(t, exp));
+        assert!(codec.verify(&ring, &token, exp as i64 * 1000 + 999).is_ok());
+        assert!(codec.verify(&ring, &token, exp as i64 * 1000 + 999).is_ok());
+        assert_eq!(
+            codec
+                .verify(&ring, &token, (exp as i64 + 1) * 1000)
+                .unwrap_err(),
+            TokenError::Expired
+        );
+    }
+
+    #[test]
+    fn iat_may_lead_the_clock_by_the_leeway_and_no_more() {
+        let t = real_now_s();
+        let ring = one_key_ring(Algorithm::HS256);
+        let codec = codec(5);
+        let token = codec.sign(&ring, &claims(t, t + 600));
+        // now_s + leeway == iat: accepted.
+        assert!(codec.verify(&ring, &token, (t as i64 - 5) * 1000).is_ok());
+        // One second earlier: iat is too far ahead.
+        assert_eq!(
+            codec
+                .verify(&ring, &token, (t as i64 - 6) * 1000 + 999)
+                .unwrap_err(),
+            TokenError::NotYetValid
+        );
+    }
+
+    #[test]
+    fn nbf_in_the_future_is_not_yet_valid() {
+        let t = real_now_s();
+        let ring = one_key_ring(Algorithm::HS256);
+        let codec = codec(5);
+        let mut c = claims(t, t + 600);
+        c.nbf = Some(t + 300);
+        let token = codec.sign(&ring, &c);
+        assert_eq!(
+            codec.verify(&ring, &token, t as i64 * 1000).unwrap_err(),
+            TokenError::NotYetValid
+        );
+    }
+
+    #[test]
+    fn the_lifetime_cap_allows_exactly_lifetime_plus_leeway() {
+        let t = real_now_s();
+        let now_ms = t as i64 * 1000;
+        let ring = one_key_ring(Algorithm::HS256);
+        let codec = codec(5).with_max_lifetime(std::time::Duration::from_secs(60));
+        for (exp, ok) in [(t + 10, true), (t + 65, true), (t + 66, false)] {
+            let token = codec.sign(&ring, &claims(t, exp));
+            let got = codec.verify(&ring, &token, now_ms);
+            if ok {
+                assert!(got.is_ok(), "exp = iat + {}", exp - t);
+            } else {
+                assert_eq!(
+                    got.unwrap_err(),
+                    TokenError::Claims,
+                    "exp = iat + {}",
+                    exp - t
+                );
+            }
+        }
+        // Without the cap the long-lived token passes.
+        let token = codec.sign(&ring, &claims(t, t + 66));
+        assert!(self::codec(5).verify(&ring, &token, now_ms).is_ok());
+    }
+
+    #[test]
+    fn tokens_carry_and_require_the_codecs_issuer() {
+        let t = real_now_s();
+        let ring = one_key_ring(Algorithm::HS256);
+        let codec = TokenCodec::new(Algorithm::HS256, "auth.example", 5, 4096);
+        assert_eq!(codec.issuer(), "auth.example");
+        let mut c = claims(t, t + 60);
+        c.iss = codec.issuer().to_string();
+        let token = codec.sign(&ring, &c);
+        assert!(codec.verify(&ring, &token, t as i64 * 1000).is_ok());
+    }
+}

@@ -348,3 +348,356 @@ mod tests {
         assert!(f.blocked("2001:db8:1:3::1".parse().unwrap()).is_none());
     }
 }
+
+/// Branches and boundaries the first tests left open (found by
+/// `scripts/mutants`; see scripts/mutants.md).
+#[cfg(test)]
+mod mutation_tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    fn bearer_of(value: &str) -> Option<Vec<u8>> {
+        let req = TestRequest::default()
+            .insert_header((header::AUTHORIZATION, value))
+            .to_http_request();
+        bearer(&req).ok().flatten().map(<[u8]>::to_vec)
+    }
+
+    #[test]
+    fn bearer_takes_the_credentials_of_a_bearer_header_only() {
+        assert_eq!(
+            bearer_of("Bearer abc.def").as_deref(),
+            Some(&b"abc.def"[..])
+        );
+        assert_eq!(bearer_of("bEaReR  tok  ").as_deref(), Some(&b"tok"[..]));
+        assert_eq!(bearer_of("Bearer x").as_deref(), Some(&b"x"[..]));
+        // The scheme alone, another scheme, or no header: no credentials.
+        assert_eq!(bearer_of("Bearer "), None);
+        assert_eq!(bearer_of("Bearer"), None);
+        assert_eq!(bearer_of("Basic dXNlcjpwYXNz"), None);
+        assert_eq!(bearer_of("Bearerxtoken"), None);
+        let req = TestRequest::default().to_http_request();
+        assert!(matches!(bearer(&req), Ok(None)));
+    }
+
+    #[test]
+    fn a_key_listed_twice_keeps_its_role() {
+        let k = Secret::new("k".repeat(40));
+        let other = Secret::new("o".repeat(40));
+        let keys = ApiKeys::new(&[], &[k.clone(), other, k.clone()]);
+        assert_eq!(keys.role_of(k.expose().as_bytes()), Some(Role::Admin));
+        let keys = ApiKeys::new(&[k.clone(), k.clone()], &[]);
+        assert_eq!(keys.role_of(k.expose().as_bytes()), Some(Role::Issuer));
+    }
+
+    #[test]
+    fn ipv6_peers_are_bucketed_by_their_64_and_mapped_v4_as_v4() {
+        let b = |s: &str| bucket(s.parse().unwrap());
+        assert_eq!(b("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), b("2001:db8:1:2::"));
+        assert_ne!(b("2001:db8:1:2::1"), b("2001:db8:1:3::1"));
+        // Bit 64 is the lowest bit of the prefix: it separates buckets.
+        assert_ne!(b("2001:db8:1:2::1"), b("2001:db8:1:3::1"));
+        assert_ne!(b("2001:db8:1:0::1"), b("2001:db8:1:1::1"));
+        assert_eq!(b("::ffff:10.0.0.1"), b("10.0.0.1"));
+        assert_eq!(b("10.0.0.1"), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn retry_after_counts_down_from_the_window() {
+        let f = KeyFailures::new(1, Duration::from_secs(90));
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        f.record(peer);
+        // Let the clock move (not a synchronisation: any elapsed time works).
+        std::thread::sleep(Duration::from_millis(5));
+        let retry = f.blocked(peer).expect("blocked after one failure");
+        assert!((1..90).contains(&retry), "retry_after = {retry}");
+    }
+
+    fn backdated(by: Duration) -> Instant {
+        Instant::now()
+            .checked_sub(by)
+            .expect("the monotonic clock is older than the backdating")
+    }
+
+    /// Fills the table to `MAX_TRACKED_PEERS - 1` entries whose window
+    /// ended (`expired`) or not, without waiting for a real window.
+    fn fill(f: &KeyFailures, expired: bool) {
+        let since = if expired {
+            backdated(f.window + Duration::from_secs(1))
+        } else {
+            Instant::now()
+        };
+        let mut state = f.lock();
+        for i in 0..(MAX_TRACKED_PEERS as u32 - 1) {
+            let ip = IpAddr::V4((0x0a00_0000 + i).into());
+            state.peers.insert(ip, (1, since));
+        }
+    }
+
+    #[test]
+    fn a_full_table_of_expired_peers_is_pruned_and_live_blocks_survive() {
+        let f = KeyFailures::new(2, Duration::from_secs(60));
+        fill(&f, true);
+        // The last entry is a live block (two failures just now): full.
+        let blocked_peer: IpAddr = "192.0.2.1".parse().unwrap();
+        f.lock().peers.insert(blocked_peer, (2, Instant::now()));
+        assert_eq!(f.lock().peers.len(), MAX_TRACKED_PEERS);
+        assert!(f.blocked(blocked_peer).is_some());
+        // The table is full: a new peer prunes the expired entries…
+        let newcomer: IpAddr = "192.0.2.2".parse().unwrap();
+        f.record(newcomer);
+        f.record(newcomer);
+        assert!(
+            f.blocked(newcomer).is_some(),
+            "the newcomer was not tracked"
+        );
+        // …and the live ones stay.
+        assert!(f.blocked(blocked_peer).is_some(), "a live block was pruned");
+        assert_eq!(f.lock().peers.len(), 2);
+    }
+
+    #[test]
+    fn pruning_runs_at_most_once_a_second() {
+        let f = KeyFailures::new(1, Duration::from_secs(60));
+        fill(&f, true);
+        let live: IpAddr = "192.0.2.1".parse().unwrap();
+        f.lock().peers.insert(live, (1, Instant::now()));
+        // A prune just ran: a new peer of a full table is not tracked.
+        f.lock().pruned = Some(Instant::now());
+        let late: IpAddr = "192.0.2.2".parse().unwrap();
+        f.record(late);
+        assert!(f.blocked(late).is_none());
+        // Over a second later the next new peer prunes again and is tracked.
+        f.lock().pruned = Some(backdated(Duration::from_secs(2)));
+        f.record(late);
+        assert!(f.blocked(late).is_some());
+    }
+
+    #[test]
+    fn only_a_full_table_is_pruned_so_the_next_full_table_can_prune_at_once() {
+        let f = KeyFailures::new(1, Duration::from_secs(60));
+        fill(&f, true);
+        // Not full yet (one slot left): no prune, so the once-a-second
+        // budget is not spent on it…
+        f.record("192.0.2.1".parse().unwrap());
+        // …and when the table is full of expired entries (again), the next
+        // new peer prunes at once and counts.
+        fill(&f, true);
+        let newcomer: IpAddr = "192.0.2.2".parse().unwrap();
+        f.record(newcomer);
+        assert!(f.blocked(newcomer).is_some());
+    }
+
+    #[test]
+    fn a_full_table_of_live_peers_still_counts_known_peers_and_no_new_ones() {
+        let f = KeyFailures::new(2, Duration::from_secs(60));
+        fill(&f, false);
+        let known: IpAddr = "10.0.0.0".parse().unwrap(); // the first filled entry
+        let last: IpAddr = "192.0.2.1".parse().unwrap();
+        f.record(last); // the table is now full
+        assert_eq!(f.lock().peers.len(), MAX_TRACKED_PEERS);
+        f.record(known);
+        assert!(
+            f.blocked(known).is_some(),
+            "a known peer's failure was not counted"
+        );
+        let newcomer: IpAddr = "192.0.2.2".parse().unwrap();
+        f.record(newcomer);
+        f.record(newcomer);
+        assert!(f.blocked(newcomer).is_none());
+        assert_eq!(f.lock().peers.len(), MAX_TRACKED_PEERS);
+    }
+}
+
+/// The extractors on real requests, with a real `AppState` (its Redis is
+/// never called: these checks all happen before any Redis call).
+#[cfg(test)]
+mod extractor_tests {
+    use std::sync::Arc;
+
+    use actix_web::test::TestRequest;
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::http::origin::OriginPolicy;
+    use crate::metrics::Metrics;
+    use crate::session::SessionService;
+    use crate::state::Global;
+    use crate::store::{KeySchema, Store};
+
+    const ISSUER_KEY: &str = "issuer-key-0123456789abcdef0123456789";
+    const ADMIN_KEY: &str = "admin-key-0123456789abcdef0123456789ab";
+
+    fn app_state() -> web::Data<AppState> {
+        let env = |k: &str| match k {
+            "SESSIONGATE_ISSUER_KEYS" => Some(ISSUER_KEY.to_string()),
+            "SESSIONGATE_ADMIN_KEYS" => Some(ADMIN_KEY.to_string()),
+            "SESSIONGATE_SIGNING_SECRET" => Some("s".repeat(32)),
+            _ => None,
+        };
+        let settings = Settings::load(&env).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let timeout = Duration::from_millis(250);
+        // Connects lazily: nothing here reaches it.
+        let store = Store::new(
+            "redis://127.0.0.1:1",
+            &[],
+            timeout,
+            1,
+            KeySchema::new("unit:"),
+            metrics.clone(),
+        )
+        .unwrap();
+        let global = Global::new(
+            Secret::new("s".repeat(32)),
+            settings.jwt_algorithm,
+            Duration::from_secs(5),
+        );
+        let service = SessionService::new(
+            &settings,
+            Arc::new(store),
+            Arc::new(global),
+            metrics.clone(),
+        );
+        web::Data::new(AppState {
+            service: Arc::new(service),
+            api_keys: ApiKeys::new(&[Secret::new(ISSUER_KEY)], &[Secret::new(ADMIN_KEY)]),
+            metrics,
+            cookie_name: "session".into(),
+            origin: OriginPolicy {
+                csrf_protection: true,
+                allowed_origins: vec![],
+                trusted_proxies: vec![],
+            },
+            key_failures: KeyFailures::new(3, Duration::from_secs(60)),
+            console: crate::console::Console::new(&settings),
+        })
+    }
+
+    fn request(state: &web::Data<AppState>, key: Option<&str>) -> HttpRequest {
+        let mut req = TestRequest::post()
+            .app_data(state.clone())
+            .peer_addr("192.0.2.7:4000".parse().unwrap());
+        if let Some(key) = key {
+            req = req.insert_header((header::AUTHORIZATION, format!("Bearer {key}")));
+        }
+        req.to_http_request()
+    }
+
+    fn extract<T: FromRequest<Future = Ready<Result<T, ApiError>>>>(
+        req: &HttpRequest,
+    ) -> Result<T, ApiError> {
+        T::from_request(req, &mut Payload::None).into_inner()
+    }
+
+    #[test]
+    fn each_principal_accepts_its_key_only() {
+        let s = app_state();
+        let admin = request(&s, Some(ADMIN_KEY));
+        let issuer = request(&s, Some(ISSUER_KEY));
+        let none = request(&s, None);
+        assert!(extract::<AdminPrincipal>(&admin).is_ok());
+        assert!(matches!(
+            extract::<AdminPrincipal>(&issuer),
+            Err(ApiError::Forbidden)
+        ));
+        assert!(matches!(
+            extract::<AdminPrincipal>(&none),
+            Err(ApiError::Unauthorized)
+        ));
+        assert!(extract::<IssuerPrincipal>(&issuer).is_ok());
+        assert!(matches!(
+            extract::<IssuerPrincipal>(&admin),
+            Err(ApiError::Forbidden)
+        ));
+        assert!(matches!(
+            extract::<IssuerPrincipal>(&none),
+            Err(ApiError::Unauthorized)
+        ));
+        assert!(matches!(
+            extract::<KeyHolder>(&admin),
+            Ok(KeyHolder(Role::Admin))
+        ));
+        assert!(matches!(
+            extract::<KeyHolder>(&issuer),
+            Ok(KeyHolder(Role::Issuer))
+        ));
+        assert!(matches!(
+            extract::<KeyHolder>(&none),
+            Err(ApiError::Unauthorized)
+        ));
+    }
+
+    #[test]
+    fn wrong_keys_are_refused_and_counted_until_429() {
+        let s = app_state();
+        let wrong = request(&s, Some("not-a-key"));
+        for _ in 0..3 {
+            assert!(matches!(
+                extract::<AdminPrincipal>(&wrong),
+                Err(ApiError::Unauthorized)
+            ));
+        }
+        assert!(matches!(
+            extract::<AdminPrincipal>(&wrong),
+            Err(ApiError::TooManyRequests { .. })
+        ));
+        assert!(matches!(
+            extract::<IssuerPrincipal>(&wrong),
+            Err(ApiError::TooManyRequests { .. })
+        ));
+        assert!(matches!(
+            extract::<KeyHolder>(&wrong),
+            Err(ApiError::TooManyRequests { .. })
+        ));
+    }
+
+    fn token_of(req: &HttpRequest) -> Result<String, ApiError> {
+        extract::<BearerToken>(req).map(|t| t.0)
+    }
+
+    #[test]
+    fn the_token_comes_from_the_header_else_the_cookie() {
+        let s = app_state();
+        let header_token = TestRequest::get()
+            .app_data(s.clone())
+            .insert_header((header::AUTHORIZATION, "Bearer abc.def.ghi"))
+            .cookie(actix_web::cookie::Cookie::new("session", "from-cookie"))
+            .to_http_request();
+        assert_eq!(token_of(&header_token).unwrap(), "abc.def.ghi");
+        let blank = TestRequest::get()
+            .app_data(s.clone())
+            .insert_header((header::AUTHORIZATION, "Bearer    "))
+            .to_http_request();
+        assert!(matches!(token_of(&blank), Err(ApiError::InvalidToken)));
+        let cookie = TestRequest::get()
+            .app_data(s.clone())
+            .cookie(actix_web::cookie::Cookie::new("session", "from-cookie"))
+            .to_http_request();
+        assert_eq!(token_of(&cookie).unwrap(), "from-cookie");
+        let empty_cookie = TestRequest::get()
+            .app_data(s.clone())
+            .cookie(actix_web::cookie::Cookie::new("session", ""))
+            .to_http_request();
+        assert!(matches!(
+            token_of(&empty_cookie),
+            Err(ApiError::InvalidToken)
+        ));
+        let other_cookie = TestRequest::get()
+            .app_data(s.clone())
+            .cookie(actix_web::cookie::Cookie::new("other", "x"))
+            .to_http_request();
+        assert!(matches!(
+            token_of(&other_cookie),
+            Err(ApiError::InvalidToken)
+        ));
+        // A cookie token on a cross-site unsafe request: the CSRF rule.
+        let cross = TestRequest::post()
+            .app_data(s.clone())
+            .insert_header(("host", "site.test"))
+            .insert_header(("origin", "https://evil.test"))
+            .cookie(actix_web::cookie::Cookie::new("session", "from-cookie"))
+            .to_http_request();
+        assert!(matches!(token_of(&cross), Err(ApiError::CrossSite)));
+    }
+}

@@ -696,3 +696,67 @@ async fn admin_paths_address_ids_with_reserved_characters_exactly() {
     let list = json_of(app.admin_list("a%2Fb").await).await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 1, "{list}");
 }
+
+/// Milliseconds since the epoch, from this host's clock (Redis runs here too).
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test]
+async fn a_rotated_out_key_retires_a_whole_token_lifetime_plus_leeway_later() {
+    // Retiring earlier would refuse a token signed just before the rotation
+    // while it is still within its absolute lifetime (plus clock leeway).
+    let app = spawn_app_with(&[("ABSOLUTE_LIFETIME", "1h"), ("CLOCK_LEEWAY", "5s")]).await;
+    let kid0 = kid_of(&app.create("alice", "laptop").await.token);
+    let before = wall_ms();
+    json_of(app.rotate_keys().await).await;
+    let after = wall_ms();
+    let reply = app.redis_cmd(&["HGET", "sg:global", "ring"]);
+    // "$len\r\n{json}\r\n"
+    let json = reply.split("\r\n").nth(1).expect("a bulk string");
+    let ring: Value = serde_json::from_str(json).unwrap();
+    let old = ring["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == kid0.as_str())
+        .unwrap_or_else(|| panic!("the old kid is still in {ring}"));
+    let retire_at = old["retire_at"].as_f64().unwrap() as i64;
+    let lifetime_plus_leeway_and_1s = 3_600_000 + 5_000 + 1_000;
+    assert!(
+        (before + lifetime_plus_leeway_and_1s..=after + lifetime_plus_leeway_and_1s)
+            .contains(&retire_at),
+        "retire_at {retire_at}, rotation between {before} and {after}"
+    );
+}
+
+#[tokio::test]
+async fn logout_all_purges_records_that_nobody_presents_again() {
+    // The other logout-all test verifies every old token, and a verify of a
+    // dead session deletes its record itself: the purge must be seen alone.
+    let app = spawn_app().await;
+    for user in ["erin", "frank"] {
+        for device in ["laptop", "phone"] {
+            app.create(user, device).await;
+        }
+    }
+    assert_eq!(user_hashes(&app).len(), 2);
+    json_of(app.logout_all().await).await;
+    eventually(Duration::from_secs(10), || {
+        let left = user_hashes(&app);
+        async move { left.is_empty() }
+    })
+    .await;
+    // A second logout-all later purges what was created in between.
+    app.create("grace", "laptop").await;
+    assert_eq!(user_hashes(&app).len(), 1);
+    json_of(app.logout_all().await).await;
+    eventually(Duration::from_secs(10), || {
+        let left = user_hashes(&app);
+        async move { left.is_empty() }
+    })
+    .await;
+}

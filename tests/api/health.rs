@@ -546,3 +546,36 @@ async fn durability_settings_cannot_be_checked_when_config_is_refused() {
         serde_json::json!({"status": "ready"})
     );
 }
+
+/// The value of a sample, 0 when the series does not exist yet.
+fn sample_or_zero(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .map(|v| v.trim().parse::<f64>().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_sessions_evicted_over_the_cap_and_replaced_on_a_device() {
+    let app = crate::helpers::spawn_app_with(&[("MAX_SESSIONS_PER_USER", "2")]).await;
+    let evicted = r#"sessiongate_sessions_revoked_total{how="evicted_over_cap"}"#;
+    let replaced = r#"sessiongate_sessions_revoked_total{how="replaced_same_device"}"#;
+    app.create("capped", "a").await;
+    app.create("capped", "b").await;
+    let text = metrics_text(&app).await;
+    assert_eq!(sample_or_zero(&text, evicted), 0.0);
+    assert_eq!(sample_or_zero(&text, replaced), 0.0);
+    // A third device: one session over the cap is evicted.
+    app.create("capped", "c").await;
+    let text = metrics_text(&app).await;
+    assert_eq!(sample_or_zero(&text, evicted), 1.0);
+    assert_eq!(sample_or_zero(&text, replaced), 0.0);
+    // A new login on a known device replaces that device's session.
+    app.create("capped", "c").await;
+    let text = metrics_text(&app).await;
+    assert_eq!(sample_or_zero(&text, evicted), 1.0);
+    assert_eq!(sample_or_zero(&text, replaced), 1.0);
+}
