@@ -314,6 +314,7 @@ impl SessionService {
                 touch_ms,
                 max_auth_age_ms,
                 full_record,
+                &state.clock,
             )
             .await?
             .ok_or(ServiceError::SessionGone)?;

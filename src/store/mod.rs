@@ -21,6 +21,7 @@
 //! `sessiongate_redis_reply_mismatch_total`, and drops the connection.
 
 pub mod keys;
+pub mod record;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -36,6 +37,8 @@ use redis::{AsyncConnectionConfig, FromRedisValue, Script, Value};
 use crate::domain::{DeviceId, SessionId, UserId, UserTag};
 use crate::metrics::Metrics;
 pub use keys::KeySchema;
+pub use record::RedisClock;
+use record::{Checks, Verdict};
 
 macro_rules! script {
     ($file:literal) => {
@@ -286,7 +289,7 @@ pub struct GlobalRecord {
 }
 
 struct Scripts {
-    verify: Script,
+    touch: Script,
     create: Script,
     revoke: Script,
     reauth: Script,
@@ -380,7 +383,7 @@ impl Store {
             timeout,
             keys,
             scripts: Scripts {
-                verify: script!("verify.lua"),
+                touch: script!("touch.lua"),
                 create: script!("create.lua"),
                 revoke: script!("revoke.lua"),
                 reauth: script!("reauth.lua"),
@@ -572,11 +575,23 @@ impl Store {
         Ok(it)
     }
 
-    /// The hot path: one EVALSHA confirming a session. `touch_ms` < 0 never
-    /// writes; `max_auth_age_ms` < 0 skips the password-age check (a session
-    /// failing it is reported, and not slid). The reply must echo this
-    /// call's nonce, else the connection is dropped and the call fails (a
-    /// reply is never trusted for another request).
+    /// The hot path: one round trip, `HGET` of the record pipelined with
+    /// `ECHO <nonce>`, the record judged in-process ([`record::judge`])
+    /// by `clock`. The echo must be this call's nonce, else the connection
+    /// is dropped and the call fails (a reply is never trusted for another
+    /// request; the echo comes last, so a reply shifted by a duplicate or
+    /// a stale one never passes for this call's read).
+    ///
+    /// Only when the judgement calls for a write does a second call follow
+    /// (`lua/touch.lua`, which checks again by Redis's clock and writes
+    /// only to a record it finds alive): the idle expiry is due to slide
+    /// (at most once per touch interval per session; awaited, so a verify
+    /// that answered has slid it, but bounded by what is left of the
+    /// timeout and best effort: the session was confirmed by the read), or
+    /// the record is dead (deleted, so expired records do not linger until
+    /// their hash expires). `touch_ms` < 0 never writes; `max_auth_age_ms`
+    /// < 0 skips the password-age check (a session failing it is reported,
+    /// and not slid).
     #[allow(clippy::too_many_arguments)]
     pub async fn verify(
         &self,
@@ -586,42 +601,121 @@ impl Store {
         touch_ms: i64,
         max_auth_age_ms: i64,
         full: bool,
+        clock: &RedisClock,
     ) -> Result<Option<LiveSession>, StoreError> {
-        let mut cmd = evalsha(&self.scripts.verify, &self.keys.user_of(session));
-        cmd.arg(session.field())
-            .arg(device.as_str())
-            .arg(live.idle_ms)
-            .arg(touch_ms)
-            .arg(live.cutoff_ms)
-            .arg(if full { "1" } else { "0" })
-            .arg(max_auth_age_ms);
-        let mut it = self.run_script(&self.scripts.verify, cmd).await?;
-        let status = match int(it.next())? {
-            0 => return Ok(None),
-            status @ (1 | 2) => status,
+        let started = std::time::Instant::now();
+        let key = self.keys.user_of(session);
+        let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET")
+            .arg(&key)
+            .arg(session.field())
+            .cmd("ECHO")
+            .arg(nonce);
+        let pipe = &pipe;
+        let mut reply: Vec<Value> = self
+            .call(
+                |mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await },
+                |reply: &Vec<Value>| reply.len() == 2 && is_nonce(reply.get(1), nonce),
+            )
+            .await?;
+        let blob = match reply.swap_remove(0) {
+            Value::Nil => return Ok(None),
+            Value::BulkString(blob) => blob,
             other => {
                 return Err(StoreError::Protocol(format!(
-                    "verify status {other} is not 0, 1 or 2"
+                    "a session record that is not a string: {other:?}"
                 )));
             }
         };
+        let rec = record::decode(&blob).map_err(StoreError::Protocol)?;
+        let checks = Checks {
+            now_ms: clock.upper_ms(),
+            idle_ms: live.idle_ms,
+            cutoff_ms: live.cutoff_ms,
+            device_id: device.as_str(),
+            max_auth_age_ms,
+            touch_ms,
+        };
+        let (reauth_needed, mut last_seen_ms) = match record::judge(&rec, &checks) {
+            Verdict::OtherDevice => return Ok(None),
+            Verdict::Dead => {
+                let _ = self.touch(&key, session, device, live, -1, started).await;
+                return Ok(None);
+            }
+            Verdict::Alive {
+                reauth_needed,
+                touch_due,
+            } => {
+                let mut seen = rec.last_seen_ms;
+                if touch_due {
+                    match self
+                        .touch(&key, session, device, live, touch_ms, started)
+                        .await
+                    {
+                        // Deleted meanwhile (a logout won the race): refused.
+                        Ok(None) => return Ok(None),
+                        Ok(Some(slid)) => seen = slid,
+                        Err(_) => {}
+                    }
+                }
+                (reauth_needed, seen)
+            }
+        };
         let record = if full {
+            let text = |b: &[u8]| {
+                String::from_utf8(b.to_vec())
+                    .map_err(|_| StoreError::Protocol("a stored string is not UTF-8".into()))
+            };
+            last_seen_ms = last_seen_ms.max(rec.last_seen_ms);
             Some(SessionRecord {
                 field: session.field().to_string(),
-                created_ms: int(it.next())?,
-                auth_time_ms: int(it.next())?,
-                last_seen_ms: int(it.next())?,
-                expires_ms: int(it.next())?,
-                device_id: device.as_str().to_string(),
-                metadata: text(it.next())?,
+                created_ms: rec.created_ms,
+                auth_time_ms: rec.auth_time_ms,
+                last_seen_ms,
+                expires_ms: rec.expires_ms,
+                device_id: text(rec.device_id)?,
+                metadata: text(rec.metadata)?,
             })
         } else {
             None
         };
         Ok(Some(LiveSession {
-            reauth_needed: status == 2,
+            reauth_needed,
             record,
         }))
+    }
+
+    /// `lua/touch.lua` for a verify that began at `started`, bounded by
+    /// what is left of its timeout: `Some(last_seen_ms)` when the record
+    /// is alive, `None` when it is gone (or was dead, and is now deleted).
+    async fn touch(
+        &self,
+        key: &str,
+        session: &SessionId,
+        device: &DeviceId,
+        live: Liveness,
+        touch_ms: i64,
+        started: std::time::Instant,
+    ) -> Result<Option<i64>, StoreError> {
+        let left = self.timeout.saturating_sub(started.elapsed());
+        let mut cmd = evalsha(&self.scripts.touch, key);
+        cmd.arg(session.field())
+            .arg(device.as_str())
+            .arg(live.idle_ms)
+            .arg(touch_ms)
+            .arg(live.cutoff_ms);
+        let call = self.run_script(&self.scripts.touch, cmd);
+        let mut it = tokio::time::timeout(left, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(self.timeout)))?;
+        match int(it.next())? {
+            0 => Ok(None),
+            1 => Ok(Some(int(it.next())?)),
+            other => Err(StoreError::Protocol(format!(
+                "touch status {other} is not 0 or 1"
+            ))),
+        }
     }
 
     pub async fn create(&self, new: NewSession<'_>, live: Liveness) -> Result<Created, StoreError> {
@@ -749,8 +843,9 @@ impl Store {
         })
     }
 
-    /// Reads the global state without changing it: `(cutoff, ring)`.
-    pub async fn read_global(&self) -> Result<(Option<i64>, Option<String>), StoreError> {
+    /// Reads the global state without changing it, and Redis's clock:
+    /// `(cutoff, ring, now_ms)`.
+    pub async fn read_global(&self) -> Result<(Option<i64>, Option<String>, i64), StoreError> {
         let cmd = evalsha(&self.scripts.read, self.keys.global());
         let mut it = self.run_script(&self.scripts.read, cmd).await?;
         let cutoff = match it.next() {
@@ -764,7 +859,7 @@ impl Store {
             Some(Value::Nil) | None => None,
             v => Some(text(v)?),
         };
-        Ok((cutoff, ring))
+        Ok((cutoff, ring, int(it.next())?))
     }
 
     /// The readiness probe: a script issuing a write command that changes
