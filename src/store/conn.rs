@@ -214,6 +214,11 @@ impl ConnectionLayer {
     }
 
     /// Redis Cluster mode.
+    /// The bound on every call.
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub(super) fn is_cluster(&self) -> bool {
         self.cluster.is_some()
     }

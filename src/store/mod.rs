@@ -1,12 +1,15 @@
-//! The Redis store: every session operation is one atomic Lua script on one
+//! The Redis store: every session write is one atomic Lua script on one
 //! user's hash (see [`keys`] for the schema and `lua/` for the scripts, each
-//! with a header naming its KEYS, ARGV and reply). How the store reaches
+//! with a header naming its KEYS, ARGV and reply). The hot path, verify, is
+//! no script: a plain `HGET` of the record judged in-process ([`record`]),
+//! and `lua/touch.lua` only when a write is due. How the store reaches
 //! Redis (per-thread connections, reconnects, the bulk-work pool, pub/sub,
 //! timeouts) is [`conn`]'s.
 //!
 //! Replies are matched to requests, not trusted by order: every script call
 //! carries a nonce (a per-process counter) as its last argument and every
-//! script echoes it first. A reply without the caller's nonce (stale,
+//! script echoes it first; verify's `HGET` is pipelined with `ECHO <nonce>`
+//! and the echo is checked last. A reply without the caller's nonce (stale,
 //! duplicated or crossed on the pipelined connection) fails the call with
 //! [`StoreError::Protocol`] (a 503), is counted in
 //! `sessiongate_redis_reply_mismatch_total`, and drops the connection.
@@ -332,6 +335,7 @@ impl Store {
             .arg(nonce);
         let pipe = &pipe;
         let mut reply: Vec<Value> = self
+            .conn
             .call(
                 |mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await },
                 |reply: &Vec<Value>| reply.len() == 2 && is_nonce(reply.get(1), nonce),
@@ -416,7 +420,7 @@ impl Store {
         touch_ms: i64,
         started: std::time::Instant,
     ) -> Result<Option<i64>, StoreError> {
-        let left = self.timeout.saturating_sub(started.elapsed());
+        let left = self.conn.timeout().saturating_sub(started.elapsed());
         let mut cmd = evalsha(&self.scripts.touch, key);
         cmd.arg(session.field())
             .arg(device.as_str())
@@ -426,7 +430,7 @@ impl Store {
         let call = self.run_script(&self.scripts.touch, cmd);
         let mut it = tokio::time::timeout(left, call)
             .await
-            .unwrap_or(Err(StoreError::Timeout(self.timeout)))?;
+            .unwrap_or(Err(StoreError::Timeout(self.conn.timeout())))?;
         match int(it.next())? {
             0 => Ok(None),
             1 => Ok(Some(int(it.next())?)),
