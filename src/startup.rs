@@ -61,7 +61,7 @@ impl Application {
     ) -> Result<Application, StartupError> {
         let port = listener.local_addr()?.port();
         let metrics = Arc::new(Metrics::new());
-        let store = Arc::new(Store::new(
+        let mut store = Store::new(
             settings.redis_url.expose(),
             &settings
                 .redis_cluster_nodes
@@ -72,7 +72,9 @@ impl Application {
             settings.redis_pool_size,
             KeySchema::new(&settings.key_prefix),
             metrics.clone(),
-        )?);
+        )?;
+        let near_cache = store.enable_near_cache(settings.near_cache_ttl);
+        let store = Arc::new(store);
         let global = Arc::new(Global::new(
             settings.signing_secret.clone(),
             settings.jwt_algorithm,
@@ -88,7 +90,7 @@ impl Application {
         if let Err(e) = store.check_durability(true).await {
             tracing::warn!(error = %e, "cannot check Redis's durability settings at start");
         }
-        let background = vec![
+        let mut background = vec![
             tokio::spawn(
                 global
                     .clone()
@@ -96,6 +98,9 @@ impl Application {
             ),
             tokio::spawn(global.clone().run_listener(store.clone())),
         ];
+        if let Some(invalidations) = near_cache {
+            background.push(tokio::spawn(invalidations));
+        }
         let service = Arc::new(SessionService::new(
             &settings,
             store,

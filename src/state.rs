@@ -35,6 +35,14 @@ pub struct GlobalState {
     pub clock: RedisClock,
 }
 
+impl GlobalState {
+    /// Changes when the cutoff or the key ring does (the near-cache is
+    /// flushed then).
+    pub fn id(&self) -> u64 {
+        (self.cutoff_ms as u64) ^ (Arc::as_ptr(&self.ring) as u64).rotate_left(32)
+    }
+}
+
 pub struct Global {
     current: ArcSwapOption<GlobalState>,
     wake: Notify,
@@ -162,7 +170,11 @@ impl Global {
                 store.global(GlobalOp::Init { kid: &new_kid() }).await?
             }
         };
-        self.apply(record, started)
+        self.apply(record, started)?;
+        if let Some(state) = self.current.load().as_ref() {
+            store.observe_state(state.id());
+        }
+        Ok(())
     }
 
     /// Re-reads the state for a request that began at `since` and met a

@@ -214,6 +214,12 @@ impl ConnectionLayer {
     }
 
     /// Redis Cluster mode.
+    /// Where the request path connects (the near-cache's invalidation
+    /// connection goes to the same Redis).
+    pub(super) fn connection_info(&self) -> redis::ConnectionInfo {
+        self.client.get_connection_info().clone()
+    }
+
     /// The bound on every call.
     pub(super) fn timeout(&self) -> Duration {
         self.timeout

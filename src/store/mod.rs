@@ -16,6 +16,7 @@
 
 mod conn;
 pub mod keys;
+pub mod near_cache;
 pub mod record;
 
 use std::sync::Arc;
@@ -231,6 +232,8 @@ pub struct Store {
     keys: KeySchema,
     scripts: Scripts,
     metrics: Arc<Metrics>,
+    /// The opt-in near-cache ([`near_cache`]); `None`: every verify reads Redis.
+    near: Option<Arc<near_cache::NearCache>>,
 }
 
 impl Store {
@@ -261,7 +264,35 @@ impl Store {
                 probe: Script::new(include_str!("lua/probe.lua")),
             },
             metrics,
+            near: None,
         })
+    }
+
+    /// Turns the near-cache on (`ttl` > 0; not in Redis Cluster mode) and
+    /// returns its invalidation task, to be spawned.
+    pub fn enable_near_cache(
+        &mut self,
+        ttl: Duration,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        if ttl.is_zero() || self.conn.is_cluster() {
+            return None;
+        }
+        let cache = Arc::new(near_cache::NearCache::new(ttl, self.metrics.clone()));
+        self.near = Some(cache.clone());
+        Some(near_cache::run_invalidations(
+            cache,
+            self.conn.connection_info(),
+            self.keys.prefix().to_string(),
+            self.conn.timeout(),
+        ))
+    }
+
+    /// Flushes the near-cache when the global state it was filled under
+    /// changed (a logout-all, a key rotation).
+    pub fn observe_state(&self, state_id: u64) {
+        if let Some(near) = &self.near {
+            near.observe_state(state_id);
+        }
     }
 
     pub fn keys(&self) -> &KeySchema {
@@ -326,31 +357,24 @@ impl Store {
     ) -> Result<Option<LiveSession>, StoreError> {
         let started = std::time::Instant::now();
         let key = self.keys.user_of(session);
-        let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
-        let mut pipe = redis::pipe();
-        pipe.cmd("HGET")
-            .arg(&key)
-            .arg(session.field())
-            .cmd("ECHO")
-            .arg(nonce);
-        let pipe = &pipe;
-        let mut reply: Vec<Value> = self
-            .conn
-            .call(
-                |mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await },
-                |reply: &Vec<Value>| reply.len() == 2 && is_nonce(reply.get(1), nonce),
-            )
-            .await?;
-        let blob = match reply.swap_remove(0) {
-            Value::Nil => return Ok(None),
-            Value::BulkString(blob) => blob,
-            other => {
-                return Err(StoreError::Protocol(format!(
-                    "a session record that is not a string: {other:?}"
-                )));
+        let cached = self
+            .near
+            .as_ref()
+            .and_then(|n| n.get(&key, session.field()));
+        let from_redis = cached.is_none();
+        let ticket = self.near.as_ref().map(|n| n.ticket());
+        let read;
+        let blob: &[u8] = match &cached {
+            Some(blob) => blob,
+            None => {
+                read = match self.read_record(&key, session).await? {
+                    Some(blob) => blob,
+                    None => return Ok(None),
+                };
+                &read
             }
         };
-        let rec = record::decode(&blob).map_err(StoreError::Protocol)?;
+        let rec = record::decode(blob).map_err(StoreError::Protocol)?;
         let checks = Checks {
             now_ms: clock.upper_ms(),
             idle_ms: live.idle_ms,
@@ -370,6 +394,11 @@ impl Store {
                 touch_due,
             } => {
                 let mut seen = rec.last_seen_ms;
+                if let (Some(near), Some(ticket), true, false) =
+                    (&self.near, ticket, from_redis, touch_due)
+                {
+                    near.put(&key, session.field(), blob, ticket);
+                }
                 if touch_due {
                     match self
                         .touch(&key, session, device, live, touch_ms, started)
@@ -406,6 +435,36 @@ impl Store {
             reauth_needed,
             record,
         }))
+    }
+
+    /// One round trip: `HGET` of the record, then `ECHO` of a fresh nonce.
+    async fn read_record(
+        &self,
+        key: &str,
+        session: &SessionId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET")
+            .arg(key)
+            .arg(session.field())
+            .cmd("ECHO")
+            .arg(nonce);
+        let pipe = &pipe;
+        let mut reply: Vec<Value> = self
+            .conn
+            .call(
+                |mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await },
+                |reply: &Vec<Value>| reply.len() == 2 && is_nonce(reply.get(1), nonce),
+            )
+            .await?;
+        match reply.swap_remove(0) {
+            Value::Nil => Ok(None),
+            Value::BulkString(blob) => Ok(Some(blob)),
+            other => Err(StoreError::Protocol(format!(
+                "a session record that is not a string: {other:?}"
+            ))),
+        }
     }
 
     /// `lua/touch.lua` for a verify that began at `started`, bounded by

@@ -16,6 +16,7 @@ mod gateway;
 mod health;
 mod input;
 mod multi_instance;
+mod near_cache;
 mod policy;
 mod sessions;
 mod staleness;
