@@ -287,6 +287,15 @@ impl Store {
         ))
     }
 
+    /// Drops this instance's near-cache entries of a user hash it just
+    /// wrote (its own writes are seen at once, not when Redis's
+    /// invalidation comes back).
+    fn forget_locally(&self, key: &str) {
+        if let Some(near) = &self.near {
+            near.invalidate([key.as_bytes()]);
+        }
+    }
+
     /// Flushes the near-cache when the global state it was filled under
     /// changed (a logout-all, a key rotation).
     pub fn observe_state(&self, state_id: u64) {
@@ -500,10 +509,8 @@ impl Store {
     }
 
     pub async fn create(&self, new: NewSession<'_>, live: Liveness) -> Result<Created, StoreError> {
-        let mut cmd = evalsha(
-            &self.scripts.create,
-            &self.keys.user(&new.session.user_tag()),
-        );
+        let key = self.keys.user(&new.session.user_tag());
+        let mut cmd = evalsha(&self.scripts.create, &key);
         cmd.arg(new.session.field())
             .arg(new.user.as_str())
             .arg(new.device.as_str())
@@ -513,7 +520,10 @@ impl Store {
             .arg(new.absolute_ms)
             .arg(new.max_per_user)
             .arg(live.cutoff_ms);
-        let mut it = self.run_script(&self.scripts.create, cmd).await?;
+        let result = self.run_script(&self.scripts.create, cmd).await;
+        // It may have replaced or evicted records this instance has cached.
+        self.forget_locally(&key);
+        let mut it = result?;
         Ok(Created {
             created_ms: int(it.next())?,
             expires_ms: int(it.next())?,
@@ -540,7 +550,11 @@ impl Store {
         live: Liveness,
     ) -> Result<u64, StoreError> {
         let cmd = self.revoke_cmd(key, which, live);
-        let mut it = self.run_script(&self.scripts.revoke, cmd).await?;
+        let result = self.run_script(&self.scripts.revoke, cmd).await;
+        // Refused here at once, whether or not the reply came back; other
+        // instances hear of it by invalidation (or within the bound).
+        self.forget_locally(key);
+        let mut it = result?;
         Ok(int(it.next())?.max(0) as u64)
     }
 
@@ -562,11 +576,14 @@ impl Store {
         session: &SessionId,
         live: Liveness,
     ) -> Result<Option<i64>, StoreError> {
-        let mut cmd = evalsha(&self.scripts.reauth, &self.keys.user(&session.user_tag()));
+        let key = self.keys.user(&session.user_tag());
+        let mut cmd = evalsha(&self.scripts.reauth, &key);
         cmd.arg(session.field())
             .arg(live.idle_ms)
             .arg(live.cutoff_ms);
-        let mut it = self.run_script(&self.scripts.reauth, cmd).await?;
+        let result = self.run_script(&self.scripts.reauth, cmd).await;
+        self.forget_locally(&key);
+        let mut it = result?;
         Ok(match int(it.next())? {
             1 => Some(int(it.next())?),
             _ => None,
