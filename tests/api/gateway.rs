@@ -7,6 +7,7 @@
 //! `gateway::caddy::…`). sessiongate trusts the gateway's X-Forwarded-*
 //! headers (`TRUSTED_PROXIES=127.0.0.1`), as the configurations require.
 
+mod browser;
 mod harness;
 
 use std::time::Duration;
