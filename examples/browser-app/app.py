@@ -214,12 +214,13 @@ class App(http.server.BaseHTTPRequestHandler):
         self.form()  # read (and here ignore) the body: the connection is kept alive
         return self.app_page(path, posted=True)
 
-    def login_form(self, back, error="", status_line="", status=200):
+    def login_form(self, back, error="", status_line="", status=200, user=""):
         alert = f'<p role="alert">{html.escape(error)}</p>' if error else ""
         body = (
             f"<h1>Sign in</h1>{alert}"
             '<form method="post" action="/login">'
-            '<label for="user">User</label><input id="user" name="user" autocomplete="username">'
+            '<label for="user">User</label>'
+            f'<input id="user" name="user" value="{html.escape(user)}" autocomplete="username">'
             '<label for="password">Password</label>'
             '<input id="password" name="password" type="password" autocomplete="current-password">'
             f'<input type="hidden" name="return" value="{html.escape(back)}">'
@@ -233,7 +234,7 @@ class App(http.server.BaseHTTPRequestHandler):
         # Compare in constant time, also for an unknown user.
         good = hmac.compare_digest((known or secrets.token_hex(16)).encode(), password.encode())
         if not (known and good):
-            return self.login_form(back, error="Wrong user or password.", status=401)
+            return self.login_form(back, error="Wrong user or password.", status=401, user=user)
         device = self.cookie(DEVICE_COOKIE) or secrets.token_urlsafe(16)
         body = {
             "user_id": user,
