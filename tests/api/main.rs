@@ -15,6 +15,7 @@ mod faults;
 mod gateway;
 mod health;
 mod input;
+mod jwks;
 mod multi_instance;
 mod policy;
 mod sessions;
