@@ -706,6 +706,7 @@ async fn public_routes_reach_the_app_unchecked_and_without_identity(kind: Kind) 
             .header("X_Session_User", "mallory-2")
             .header("X-Session-Id", "forged")
             .header("X-Session-Device", "forged")
+            .header("X-Session-Assertion", "forged.jwt.value")
     };
     let cases = [
         (Method::GET, "/login"),
