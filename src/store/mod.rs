@@ -225,8 +225,9 @@ pub struct Store {
     /// Replicas that must confirm every acknowledged change (`WAIT`); 0:
     /// no `WAIT`.
     min_replicas_ack: u32,
-    /// `WAIT`'s own timeout: inside the call's, so a shortfall is reported
-    /// as such rather than as a timeout.
+    /// `WAIT`'s own timeout, 2/5 of the Redis timeout: a shortfall is
+    /// reported as such rather than as a timeout, even when the first try
+    /// met `NOSCRIPT` (its `WAIT` still ran) and the pipeline ran twice.
     wait_ms: u64,
     /// Monotonic origin for `durability_checked_ms`.
     clock: std::time::Instant,
@@ -293,7 +294,7 @@ impl Store {
         Ok(Store {
             conn: ConnectionLayer::new(topology, timeout, pool_size, metrics.clone())?,
             min_replicas_ack: 0,
-            wait_ms: (timeout.as_millis() as u64 * 3 / 4).max(1),
+            wait_ms: (timeout.as_millis() as u64 * 2 / 5).max(1),
             clock: std::time::Instant::now(),
             durability_checked_ms: AtomicU64::new(0),
             keys,
