@@ -19,7 +19,7 @@ use crate::http::{AppState, configure};
 use crate::metrics::Metrics;
 use crate::session::SessionService;
 use crate::state::Global;
-use crate::store::{KeySchema, Store};
+use crate::store::Store;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -61,18 +61,7 @@ impl Application {
     ) -> Result<Application, StartupError> {
         let port = listener.local_addr()?.port();
         let metrics = Arc::new(Metrics::new());
-        let mut store = Store::new(
-            settings.redis_url.expose(),
-            &settings
-                .redis_cluster_nodes
-                .iter()
-                .map(|n| n.expose().to_string())
-                .collect::<Vec<String>>(),
-            settings.redis_timeout,
-            settings.redis_pool_size,
-            KeySchema::new(&settings.key_prefix),
-            metrics.clone(),
-        )?;
+        let mut store = Store::from_settings(&settings, settings.redis_pool_size, metrics.clone())?;
         let near_cache = store.enable_near_cache(settings.near_cache_ttl);
         let store = Arc::new(store);
         let global = Arc::new(Global::new(
@@ -97,6 +86,7 @@ impl Application {
                     .run_refresher(store.clone(), settings.state_refresh_interval),
             ),
             tokio::spawn(global.clone().run_listener(store.clone())),
+            tokio::spawn(store.clone().run_topology_watch()),
         ];
         if let Some(invalidations) = near_cache {
             background.push(tokio::spawn(invalidations));
