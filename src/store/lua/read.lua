@@ -4,6 +4,6 @@
 --
 -- KEYS[1]  global hash
 -- ARGV[1]  nonce
--- Returns  {nonce, cutoff_ms or nil, ring_json or nil}
-local v = redis.call('HMGET', KEYS[1], 'cutoff', 'ring')
-return {ARGV[1], v[1], v[2]}
+-- Returns  {nonce, cutoff_ms or nil, ring_json or nil, epoch or nil}
+local v = redis.call('HMGET', KEYS[1], 'cutoff', 'ring', 'epoch')
+return {ARGV[1], v[1], v[2], v[3]}

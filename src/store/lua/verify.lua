@@ -12,14 +12,15 @@
 -- ARGV[3]  idle timeout ms ARGV[4] touch interval ms (-1: never touch)
 -- ARGV[5]  global cutoff ms ARGV[6] "1" to return the full record
 -- ARGV[7]  largest password age ms allowed (-1: not checked)
--- ARGV[8]  nonce (echoed first, so the caller can match reply to request)
+-- ARGV[8]  logout-all epoch the caller knows
+-- ARGV[9]  nonce (echoed first, so the caller can match reply to request)
 -- Returns  {nonce, 0} when the session is not alive (gone, expired, revoked,
 --          or not this device's); else
 --          {nonce, status
 --           [, created_ms, auth_time_ms, last_seen_ms, expires_ms, metadata_json]}
 --          with status 1 (alive) or 2 (alive, but the password is older than
 --          ARGV[7]: refused, so the idle expiry is not slid).
-local key, field, nonce = KEYS[1], ARGV[1], ARGV[8]
+local key, field, nonce = KEYS[1], ARGV[1], ARGV[9]
 local blob = redis.call('HGET', key, field)
 if not blob then
   return {nonce, 0}
@@ -27,7 +28,7 @@ end
 local now = now_ms()
 local idle = tonumber(ARGV[3])
 local rec = cmsgpack.unpack(blob)
-if not alive(rec, now, idle, tonumber(ARGV[5])) then
+if not alive(rec, now, idle, tonumber(ARGV[5]), tonumber(ARGV[8])) then
   redis.call('HDEL', key, field)
   drop_if_empty(key)
   return {nonce, 0}
@@ -44,7 +45,7 @@ local touch = tonumber(ARGV[4])
 if status == 1 and touch >= 0 and now - rec[2] >= touch then
   -- Best effort: when Redis refuses writes (out of memory), the session is
   -- still confirmed; only its idle expiry is not slid this time.
-  local touched = cmsgpack.pack({rec[1], now, rec[3], rec[4], rec[5], rec[6]})
+  local touched = cmsgpack.pack({rec[1], now, rec[3], rec[4], rec[5], rec[6], rec[7]})
   local ok = redis.pcall('HSET', key, field, touched)
   if type(ok) == 'number' then
     rec[2] = now
