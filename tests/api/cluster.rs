@@ -1,72 +1,13 @@
 //! Redis Cluster: three primaries started by the test, sessiongate in
 //! cluster mode (`SESSIONGATE_REDIS_CLUSTER_NODES`), the same behaviour.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::helpers::{TestApp, eventually, spawn_app_on};
-use crate::redis_server::TestRedis;
-
-/// Three cluster-enabled Redis servers with every slot assigned.
-struct TestCluster {
-    nodes: Vec<TestRedis>,
-}
-
-impl TestCluster {
-    fn start() -> TestCluster {
-        let nodes: Vec<TestRedis> = (0..3)
-            .map(|_| {
-                TestRedis::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "5000",
-                ])
-            })
-            .collect();
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port()))
-            .collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli runs");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let started = Instant::now();
-        while !nodes
-            .iter()
-            .all(|n| n.cmd(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "cluster not ok"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        TestCluster { nodes }
-    }
-
-    fn seeds(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| n.url().trim_end_matches("/0").to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
+use crate::topology::TestCluster;
 
 async fn app_on(cluster: &TestCluster) -> TestApp {
     let seeds = cluster.seeds();
@@ -75,7 +16,7 @@ async fn app_on(cluster: &TestCluster) -> TestApp {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_work_across_every_node_of_a_cluster() {
-    let cluster = TestCluster::start();
+    let cluster = TestCluster::start(3, 0, 5000);
     let app = app_on(&cluster).await;
     let ready = app
         .request(reqwest::Method::GET, "/readyz")
@@ -155,7 +96,7 @@ fn kid_of(token: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logout_all_and_rotation_reach_another_instance_on_the_cluster() {
-    let cluster = TestCluster::start();
+    let cluster = TestCluster::start(3, 0, 5000);
     let a = app_on(&cluster).await;
     let b = app_on(&cluster).await;
     let mut old = Vec::new();
