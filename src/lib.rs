@@ -20,6 +20,7 @@
 //! - [`store`]: Redis: key schema, Lua scripts, connections.
 //! - [`http`]: routes, extractors, handlers, the OpenAPI document.
 //! - [`console`]: the admin console pages under `/admin/`.
+//! - [`timefmt`]: UTC times for people (console, `sessiongate admin`).
 
 pub mod config;
 pub mod console;
@@ -32,4 +33,5 @@ pub mod startup;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod timefmt;
 pub mod token;
