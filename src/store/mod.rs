@@ -298,7 +298,17 @@ impl Store {
         let reply: Vec<Value> = self
             .conn
             .call(
-                |mut conn| async move { evalsha_loading(&mut conn, script, cmd).await },
+                |mut conn| async move {
+                    match evalsha_loading(&mut conn, script, cmd).await {
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::Ask) =>
+                        {
+                            follow_ask(conn, script, cmd, &e).await
+                        }
+                        other => other,
+                    }
+                },
                 |reply| is_nonce(reply.first(), nonce),
             )
             .await?;
@@ -806,6 +816,53 @@ async fn evalsha_loading<C: redis::aio::ConnectionLike>(
         }
         other => other,
     }
+}
+
+/// A script call the cluster client gave up on with `ASK` (its slot is
+/// migrating and the key has moved): sent once more to the node `ASK` names,
+/// as one pipeline `ASKING` + `EVALSHA`. The client's own redirect sends
+/// `ASKING` and the command as two writes on a multiplexed connection, so
+/// under load another request's command can come between them and use up
+/// the `ASKING` (the target then answers `MOVED` back to the source, round
+/// and round until the client's retries run out: seen in
+/// `cluster::a_slot_resharded_under_load_gives_no_wrong_answer_and_no_5xx`).
+async fn follow_ask(
+    conn: conn::Connection,
+    script: &Script,
+    cmd: &redis::Cmd,
+    ask: &redis::RedisError,
+) -> redis::RedisResult<Vec<Value>> {
+    // `redirect_node` is ("host:port", slot).
+    let target = ask
+        .redirect_node()
+        .and_then(|(addr, _slot)| addr.rsplit_once(':'))
+        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)));
+    let (conn::Connection::Cluster(mut cluster), Some((host, port))) = (conn, target) else {
+        return Err(ask.clone());
+    };
+    let route = SingleNodeRoutingInfo::ByAddress {
+        host: host.to_string(),
+        port,
+    };
+    let mut pipe = redis::pipe();
+    pipe.cmd("ASKING").add_command(cmd.clone());
+    for attempt in 0..2 {
+        let mut replies = cluster
+            .route_pipeline(pipe.clone(), 1, 1, route.clone())
+            .await?;
+        let reply = replies.pop().unwrap_or(Value::Nil);
+        match reply.extract_error() {
+            Err(e)
+                if attempt == 0
+                    && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                script.load_async(&mut cluster).await?;
+            }
+            Err(e) => return Err(e),
+            Ok(v) => return Ok(Vec::<Value>::from_redis_value(v)?),
+        }
+    }
+    Err(ask.clone())
 }
 
 /// Sends a `SCAN` to one node: the connection's own, or (Cluster) the

@@ -350,6 +350,28 @@ impl Topo {
         }
     }
 
+    /// Subscribers of this test's events channel, on every node (a Cluster
+    /// node counts only its own clients' subscriptions).
+    pub fn event_subscribers(&self) -> u64 {
+        let channel = self.key("events");
+        let nodes: Vec<&TestRedis> = match &self.backend {
+            Backend::Standalone(redis) => vec![redis],
+            Backend::Cluster(cluster) => cluster.nodes.iter().filter(|n| n.is_running()).collect(),
+        };
+        nodes
+            .iter()
+            .map(|n| {
+                // "*2\r\n$len\r\nchannel\r\n:N\r\n"
+                let reply = n.cmd(&["PUBSUB", "NUMSUB", &channel]);
+                reply
+                    .split("\r\n")
+                    .find_map(|l| l.strip_prefix(':'))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
     /// Every key of this test's user hashes, on every primary.
     pub fn user_keys(&self) -> Vec<String> {
         let pattern = format!("{}u*", self.prefix);
