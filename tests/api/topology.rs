@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::{TestApp, spawn_app_on};
 use crate::redis_server::TestRedis;
+use crate::sentinel::SentinelTopology;
 
 /// Which deployment a [`Topo`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +215,7 @@ impl TestCluster {
 /// The deployments shared by the behaviour suite, started on first use.
 static STANDALONE: Mutex<Option<Arc<TestRedis>>> = Mutex::new(None);
 static CLUSTER: Mutex<Option<Arc<TestCluster>>> = Mutex::new(None);
+static SENTINEL: Mutex<Option<Arc<SentinelTopology>>> = Mutex::new(None);
 static CLEANUP: Once = Once::new();
 
 extern "C" fn stop_shared_topologies() {
@@ -224,6 +226,9 @@ extern "C" fn stop_shared_topologies() {
     }
     if let Ok(mut c) = CLUSTER.lock() {
         c.take();
+    }
+    if let Ok(mut s) = SENTINEL.lock() {
+        s.take();
     }
 }
 
@@ -245,6 +250,7 @@ fn fresh_prefix() -> String {
 enum Backend {
     Standalone(Arc<TestRedis>),
     Cluster(Arc<TestCluster>),
+    Sentinel(Arc<SentinelTopology>),
 }
 
 /// One test's view of a shared topology: its servers and its own prefix.
@@ -276,13 +282,13 @@ impl Topo {
         }
     }
 
-    /// SENTINEL PLUGS IN HERE: once tests/api/sentinel.rs (the `ha`
-    /// helper's 1 primary + 2 replicas + 3 sentinels) lands, add a
-    /// `Backend::Sentinel`, its `env` (`REDIS_SENTINELS`,
-    /// `REDIS_SENTINEL_MASTER`) and `cmd` (to the current primary), and
-    /// drop the `#[ignore]` in [`on_every_topology!`].
+    /// One primary, two replicas, three sentinels (tests/api/sentinel.rs).
     pub fn sentinel() -> Topo {
-        unimplemented!("the Sentinel test topology is not in this branch yet")
+        Topo {
+            kind: Kind::Sentinel,
+            backend: Backend::Sentinel(shared(&SENTINEL, SentinelTopology::start)),
+            prefix: fresh_prefix(),
+        }
     }
 
     pub fn name(&self) -> &'static str {
@@ -315,7 +321,16 @@ impl Topo {
             Backend::Standalone(redis) => redis.url(),
             Backend::Cluster(cluster) => {
                 env.push(("REDIS_CLUSTER_NODES", cluster.seeds()));
-                "redis://127.0.0.1:1/0".to_string()
+                // Cluster mode refuses a REDIS_URL beside it.
+                String::new()
+            }
+            Backend::Sentinel(sentinel) => {
+                env.extend(sentinel.settings());
+                // As the README recommends with replicas: every
+                // acknowledged change is on a replica too.
+                env.push(("REDIS_MIN_REPLICAS_ACK", "1".to_string()));
+                // REDIS_URL is dropped by test_settings in Sentinel mode.
+                String::new()
             }
         };
         (url, env)
@@ -326,6 +341,7 @@ impl Topo {
     pub fn env_vars(&self) -> Vec<(String, String)> {
         let (url, env) = self.env();
         std::iter::once(("REDIS_URL", url))
+            .filter(|(_, url)| !url.is_empty())
             .chain(env)
             .map(|(k, v)| (format!("SESSIONGATE_{k}"), v))
             .collect()
@@ -347,6 +363,7 @@ impl Topo {
         match &self.backend {
             Backend::Standalone(redis) => redis.cmd(args),
             Backend::Cluster(cluster) => cluster.cmd(key, args),
+            Backend::Sentinel(sentinel) => sentinel.primary().cmd(args),
         }
     }
 
@@ -357,6 +374,9 @@ impl Topo {
         let nodes: Vec<&TestRedis> = match &self.backend {
             Backend::Standalone(redis) => vec![redis],
             Backend::Cluster(cluster) => cluster.nodes.iter().filter(|n| n.is_running()).collect(),
+            Backend::Sentinel(sentinel) => std::iter::once(sentinel.primary())
+                .chain(sentinel.replicas())
+                .collect(),
         };
         nodes
             .iter()
@@ -378,6 +398,7 @@ impl Topo {
         let nodes: Vec<&TestRedis> = match &self.backend {
             Backend::Standalone(redis) => vec![redis],
             Backend::Cluster(cluster) => cluster.primaries(),
+            Backend::Sentinel(sentinel) => vec![sentinel.primary()],
         };
         let mut keys = Vec::new();
         for node in nodes {
@@ -420,9 +441,7 @@ macro_rules! on_every_topology {
                     super::$name($crate::topology::Topo::cluster()).await
                 }
 
-                // See `Topo::sentinel`: the one place Sentinel plugs in.
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                #[ignore = "the Sentinel test topology is not in this branch yet"]
                 async fn sentinel() {
                     super::$name($crate::topology::Topo::sentinel()).await
                 }
