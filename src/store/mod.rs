@@ -601,10 +601,21 @@ impl Store {
             .cmd("ECHO")
             .arg(nonce);
         let pipe = &pipe;
+        let field = session.field();
         let mut reply: Vec<Value> = self
             .conn
             .call(
-                |mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await },
+                |mut conn| async move {
+                    match pipe.query_async::<Vec<Value>>(&mut conn).await {
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::Ask) =>
+                        {
+                            follow_ask_read(conn, key, field, nonce, &e).await
+                        }
+                        other => other,
+                    }
+                },
                 |reply: &Vec<Value>| reply.len() == 2 && is_nonce(reply.get(1), nonce),
             )
             .await?;
@@ -1158,6 +1169,37 @@ async fn follow_ask(
         }
     }
     Err(ask.clone())
+}
+
+/// Verify's read given up on with `ASK` (see [`follow_ask`]): sent once
+/// more to the node `ASK` names as one pipeline `ASKING` + `HGET` + `ECHO`.
+async fn follow_ask_read(
+    conn: conn::Connection,
+    key: &str,
+    field: &str,
+    nonce: u64,
+    ask: &redis::RedisError,
+) -> redis::RedisResult<Vec<Value>> {
+    let target = ask
+        .redirect_node()
+        .and_then(|(addr, _slot)| addr.rsplit_once(':'))
+        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)));
+    let (conn::Connection::Cluster(mut cluster), Some((host, port))) = (conn, target) else {
+        return Err(ask.clone());
+    };
+    let route = SingleNodeRoutingInfo::ByAddress {
+        host: host.to_string(),
+        port,
+    };
+    let mut pipe = redis::pipe();
+    pipe.cmd("ASKING")
+        .cmd("HGET")
+        .arg(key)
+        .arg(field)
+        .cmd("ECHO")
+        .arg(nonce);
+    let replies = cluster.route_pipeline(pipe, 1, 2, route).await?;
+    replies.into_iter().map(|v| v.extract_error()).collect()
 }
 
 /// Sends a `SCAN` to one node: the connection's own, or (Cluster) the
