@@ -392,3 +392,31 @@ async fn the_touch_script_never_recreates_a_record_and_keeps_later_elements() {
     assert_eq!(run("f3", "-1"), "*2\r\n$2\r\nn1\r\n:0\r\n");
     assert_eq!(app.redis_cmd(&["EXISTS", key]), ":0\r\n");
 }
+
+/// A create that runs twice (a Redis Cluster client resends a command whose
+/// connection dropped after Redis ran it) keeps the session it hands out:
+/// its own field is not taken for an older session on the same device.
+#[test]
+fn a_create_run_twice_keeps_its_own_session() {
+    let redis = crate::redis_server::TestRedis::start();
+    let script = concat!(
+        include_str!("../../src/store/lua/prelude.lua"),
+        include_str!("../../src/store/lua/create.lua")
+    );
+    let (key, field) = ("t:u{tag}", "QQ_SvuDaoL8NmW1Kwuf8Lg");
+    // field, user, device, auth_time, metadata, idle ms, lifetime ms, cap,
+    // cutoff ms, epoch, nonce
+    let create = [
+        "EVAL", script, "1", key, field, "alice", "laptop", "", "", "600000", "600000", "10", "0",
+        "0", "7",
+    ];
+    for run in 0..2 {
+        let reply = redis.cmd(&create);
+        assert!(reply.starts_with('*'), "run {run}: {reply}");
+    }
+    assert_eq!(
+        redis.cmd(&["HEXISTS", key, field]).trim(),
+        ":1",
+        "the second run deleted the session the first one created"
+    );
+}
