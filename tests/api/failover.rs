@@ -380,3 +380,41 @@ async fn without_replica_acks_a_failover_undoes_the_logouts_in_the_replication_l
     );
     assert_eq!((acked, lost), (5, 5));
 }
+
+/// The ids of the clients whose last command was `cmd` (CLIENT LIST).
+fn client_ids(node: &TestRedis, cmd: &str) -> Vec<String> {
+    node.cmd(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f == format!("cmd={cmd}")))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_primary_answering_readonly_loses_its_connection() {
+    let (primary, replica) = primary_and_replica();
+    let app = spawn_app_on(&primary.url(), &[]).await;
+    let s = app.create("alice", "laptop").await;
+    // The request path's connection (and the refresher's) ran scripts last.
+    let scripted = client_ids(&primary, "evalsha");
+    assert!(!scripted.is_empty());
+    // Roles swapped behind the service's back (a failover it was not told
+    // of): the node it talks to now refuses writes.
+    assert_eq!(replica.cmd(&["REPLICAOF", "NO", "ONE"]), "+OK\r\n");
+    let port = replica.port().to_string();
+    assert_eq!(primary.cmd(&["REPLICAOF", "127.0.0.1", &port]), "+OK\r\n");
+    assert_error(
+        app.logout(&s.token).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+    )
+    .await;
+    // The connection that met READONLY is closed (the next call opens a
+    // new one); the refresher's, which only reads, may stay.
+    eventually(Duration::from_secs(10), || async {
+        let now = client_ids(&primary, "evalsha");
+        scripted.iter().filter(|id| now.contains(id)).count() < scripted.len()
+    })
+    .await;
+}
