@@ -15,6 +15,7 @@
 //! - [`error`]: `ApiError`, the single error type at the HTTP edge.
 //! - [`domain`]: ids and metadata, parsed and validated once.
 //! - [`token`]: JWT signing/verification and the key ring.
+//! - [`jwks`]: the Ed25519 key of each kid: signatures others verify, the JWK Set.
 //! - [`state`]: the cached global state (key ring, logout-all cutoff).
 //! - [`session`]: `SessionService`, every use case.
 //! - [`store`]: Redis: key schema, Lua scripts, connections.
@@ -27,6 +28,7 @@ pub mod console;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod jwks;
 pub mod metrics;
 pub mod session;
 pub mod startup;

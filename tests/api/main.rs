@@ -17,6 +17,7 @@ mod faults;
 mod gateway;
 mod health;
 mod input;
+mod jwks;
 mod multi_instance;
 mod policy;
 mod sessions;
