@@ -418,3 +418,104 @@ async fn a_demoted_primary_answering_readonly_loses_its_connection() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_partitioned_from_everyone_costs_bounded_503s_and_no_revoked_token_returns() {
+    // Sentinels, replicas and the service all reach the primary through the
+    // fault proxy; blackholing it isolates the primary from everyone.
+    let primary = TestRedis::start_with_own_conf(&FAST_SYNC);
+    let proxy = FaultProxy::for_port(primary.port()).await;
+    let via = proxy.addr().port();
+    let topo =
+        tokio::task::spawn_blocking(move || SentinelTopology::start_custom(primary, via, via))
+            .await
+            .unwrap();
+    let app = topo
+        .spawn_app(&[("REDIS_MIN_REPLICAS_ACK", "1"), ("REDIS_TIMEOUT", "500ms")])
+        .await;
+    let before: Vec<Created> = {
+        let mut v = Vec::new();
+        for i in 0..5 {
+            v.push(app.create(&format!("early{i}"), "laptop").await);
+        }
+        v
+    };
+    let later: Vec<Created> = {
+        let mut v = Vec::new();
+        for i in 0..5 {
+            v.push(app.create(&format!("late{i}"), "laptop").await);
+        }
+        v
+    };
+    let stays = app.create("stays", "laptop").await;
+    for s in &before {
+        assert_eq!(app.logout(&s.token).await.status(), StatusCode::NO_CONTENT);
+    }
+
+    proxy.blackhole();
+    let cut_at = Instant::now();
+    // Verifies during the partition: 503 (never 200 for a revoked one).
+    let mut statuses = Vec::new();
+    let (topo, promoted_at) = {
+        let promoting = tokio::task::spawn_blocking(move || {
+            topo.wait_for_promotion(via, Duration::from_secs(30));
+            (topo, Instant::now())
+        });
+        while !promoting.is_finished() {
+            for (revoked, s) in before.iter().map(|s| (true, s)).chain([(false, &stays)]) {
+                statuses.push((revoked, app.verify_status(&s.token).await));
+            }
+        }
+        promoting.await.unwrap()
+    };
+    eventually(Duration::from_secs(10), || async {
+        app.verify_status(&stays.token).await == StatusCode::OK
+    })
+    .await;
+    let recovered_at = Instant::now();
+    // Logouts acknowledged by the new primary while the old one is cut off.
+    for s in &later {
+        assert_eq!(app.logout(&s.token).await.status(), StatusCode::NO_CONTENT);
+    }
+    proxy.heal();
+    // The old primary comes back and is demoted to a replica of the new one.
+    let old = topo.first_primary();
+    eventually(Duration::from_secs(30), || async {
+        old.try_cmd(&["ROLE"]).is_ok_and(|r| r.contains("slave"))
+    })
+    .await;
+    for s in before.iter().chain(&later) {
+        assert_eq!(
+            app.verify_status(&s.token).await,
+            StatusCode::UNAUTHORIZED,
+            "a revoked session verifies after the heal"
+        );
+    }
+    assert_eq!(app.verify_status(&stays.token).await, StatusCode::OK);
+    let unavailable = statuses
+        .iter()
+        .filter(|(_, s)| *s == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    for (revoked, status) in &statuses {
+        assert!(
+            [
+                StatusCode::OK,
+                StatusCode::UNAUTHORIZED,
+                StatusCode::SERVICE_UNAVAILABLE
+            ]
+            .contains(status),
+            "{status}"
+        );
+        assert!(
+            !(*revoked && *status == StatusCode::OK),
+            "a revoked session verified during the partition"
+        );
+    }
+    assert!(unavailable > 0, "the partition was not felt");
+    eprintln!(
+        "partition: promotion {:?} after the cut, service back {:?} after the promotion, \
+         {unavailable} verify 503s during it",
+        promoted_at - cut_at,
+        recovered_at - promoted_at
+    );
+}

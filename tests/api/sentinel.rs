@@ -286,6 +286,11 @@ impl SentinelTopology {
         self.node(self.primary_port())
     }
 
+    /// The node that was the primary at the start.
+    pub fn first_primary(&self) -> &TestRedis {
+        &self.nodes[0]
+    }
+
     /// The data nodes that are not the current primary.
     pub fn replicas(&self) -> Vec<&TestRedis> {
         let primary = self.primary_port();
