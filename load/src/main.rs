@@ -2,7 +2,9 @@
 //!
 //! * `seed` creates sessions through the API and saves their tokens;
 //! * `run --scenario healthz|verify|mixed|revocation` measures throughput,
-//!   latency and revocation safety, and exits non-zero on any wrong answer.
+//!   latency and revocation safety, and exits non-zero on any wrong answer;
+//! * `run --scenario failover` kills the Redis primary mid-run (see
+//!   `failover.rs`) and reports acknowledged logouts lost and the outage.
 //!
 //! Exit status: 0 success; 1 wrong answers (a 2xx for a token whose
 //! revocation was acknowledged before the request was sent, any 5xx beyond
