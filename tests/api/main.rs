@@ -19,6 +19,7 @@ mod health;
 mod input;
 mod jwks;
 mod multi_instance;
+mod near_cache;
 mod policy;
 mod sessions;
 mod staleness;
