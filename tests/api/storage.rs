@@ -274,7 +274,7 @@ async fn the_logout_all_purge_runs_over_the_pool_not_the_request_path_connection
     let lines = monitor.finish(&app);
 
     let is_purge_script = |args: &[String]| {
-        args.first().is_some_and(|c| c == "evalsha") && args.get(4).is_some_and(|m| m == "before")
+        args.first().is_some_and(|c| c == "evalsha") && args.get(4).is_some_and(|m| m == "dead")
     };
     let scan_clients: HashSet<&str> = lines
         .iter()

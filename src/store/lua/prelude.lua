@@ -4,8 +4,11 @@
 -- per-user operation is a single-slot atomic script (Redis Cluster ready):
 --   field "!u"        -> the user id (guards against a tag collision)
 --   field <22 chars>  -> a session record, MessagePack array:
---       {created_ms, last_seen_ms, auth_time_ms, expires_ms, device_id, metadata_json}
--- All times come from Redis TIME, so every instance shares one clock.
+--       {created_ms, last_seen_ms, auth_time_ms, expires_ms, device_id, metadata_json,
+--        epoch}
+-- Times come from Redis TIME on the node holding the hash (in a Cluster, each
+-- node's own clock). `epoch` is the logout-all epoch the creating instance
+-- knew (global.lua): logout-all is judged by it, never by comparing clocks.
 --
 -- Every script's last ARGV is a nonce, unique per call, and every reply
 -- starts with it: the caller refuses a reply that does not echo its own
@@ -17,9 +20,12 @@ local function now_ms()
 end
 
 -- A record is alive while it is within its absolute lifetime, was seen within
--- the idle timeout, and was created after the global logout-all cutoff.
-local function alive(rec, now, idle, cutoff)
+-- the idle timeout, was created after the global cutoff (`revoke-before`, by
+-- time) and carries the current logout-all epoch or a later one (a record
+-- without one is from before epochs: dead).
+local function alive(rec, now, idle, cutoff, epoch)
   return rec[4] > now and rec[2] + idle > now and rec[1] > cutoff
+    and (rec[7] or 0) >= epoch
 end
 
 -- When the record stops being alive by time alone.

@@ -11,12 +11,13 @@
 -- ARGV[1]  session field   ARGV[2] device id
 -- ARGV[3]  idle timeout ms ARGV[4] touch interval ms (-1: never touch,
 --          only delete the record if it is dead)
--- ARGV[5]  global cutoff ms  ARGV[6] nonce
+-- ARGV[5]  global cutoff ms  ARGV[6] logout-all epoch the caller knows
+-- ARGV[7]  nonce
 -- Returns  {nonce, 0} when the record is gone or dead (a dead one is
 --          deleted here); else {nonce, 1, last_seen_ms} (slid to now, or
 --          as stored when not due, not this device's, or Redis refused the
 --          write: best effort, the session is alive either way).
-local key, field, nonce = KEYS[1], ARGV[1], ARGV[6]
+local key, field, nonce = KEYS[1], ARGV[1], ARGV[7]
 local blob = redis.call('HGET', key, field)
 if not blob then
   return {nonce, 0}
@@ -24,7 +25,7 @@ end
 local now = now_ms()
 local idle = tonumber(ARGV[3])
 local rec = cmsgpack.unpack(blob)
-if not alive(rec, now, idle, tonumber(ARGV[5])) then
+if not alive(rec, now, idle, tonumber(ARGV[5]), tonumber(ARGV[6])) then
   redis.call('HDEL', key, field)
   drop_if_empty(key)
   return {nonce, 0}
