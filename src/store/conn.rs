@@ -335,6 +335,10 @@ impl ConnectionLayer {
         matches!(self.target, Target::Cluster(_))
     }
 
+    pub(super) fn is_sentinel(&self) -> bool {
+        matches!(self.target, Target::Sentinel(_))
+    }
+
     pub(super) fn pool_status(&self) -> deadpool_redis::Status {
         match &self.pool {
             BulkPool::Single(p) => p.status(),

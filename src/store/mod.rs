@@ -265,6 +265,9 @@ pub struct Store {
     metrics: Arc<Metrics>,
     /// The opt-in near-cache ([`near_cache`]); `None`: every verify reads Redis.
     near: Option<Arc<near_cache::NearCache>>,
+    /// `<prefix>readyz-probe`, never set: in Sentinel mode a verify's read
+    /// carries a `DEL` of it (see [`Store::read_record`]).
+    probe_key: String,
 }
 
 impl Store {
@@ -324,6 +327,7 @@ impl Store {
             wait_ms: (timeout.as_millis() as u64 * 2 / 5).max(1),
             clock: std::time::Instant::now(),
             durability_checked_ms: AtomicU64::new(0),
+            probe_key: format!("{}readyz-probe", keys.prefix()),
             keys,
             scripts: Scripts {
                 touch: script!("touch.lua"),
@@ -513,19 +517,23 @@ impl Store {
         let from_redis = cached.is_none();
         let ticket = self.near.as_ref().map(|n| n.ticket());
         let read;
+        let mut read_time = None;
         let blob: &[u8] = match &cached {
             Some(blob) => blob,
             None => {
                 read = match self.read_record(&key, session).await? {
-                    Some(blob) => blob,
+                    Some(found) => found,
                     None => return Ok(None),
                 };
-                &read
+                read_time = read.1;
+                &read.0
             }
         };
         let rec = record::decode(blob).map_err(StoreError::Protocol)?;
         let checks = Checks {
-            now_ms: clock.upper_ms(),
+            // The record's own node's clock when the read brought it
+            // (Cluster), else Redis's clock as the refresher last read it.
+            now_ms: read_time.unwrap_or_else(|| clock.upper_ms()),
             idle_ms: live.idle_ms,
             cutoff_ms: live.cutoff_ms,
             epoch: live.epoch,
@@ -587,30 +595,65 @@ impl Store {
         }))
     }
 
-    /// One round trip: `HGET` of the record, then `ECHO` of a fresh nonce.
+    /// One round trip: `HGET` of the record, then `ECHO` of a fresh nonce;
+    /// returns the record and, in Cluster mode, the record's node's clock.
+    ///
+    /// - Sentinel mode: first a `DEL` of a key that is never set, a write
+    ///   command that changes nothing. A replica, or a demoted primary that
+    ///   has not learnt it yet, answers it `READONLY` (the connection is
+    ///   dropped and the verify fails closed) rather than serving a record a
+    ///   logout on the new primary already deleted; a primary that lost its
+    ///   replicas refuses it too when `min-replicas-to-write` is set (the
+    ///   guard against a partitioned old primary). A `HGET` alone would be
+    ///   answered by any of them.
+    /// - Cluster mode: a `TIME` (unkeyed, so it rides to the `HGET`'s node),
+    ///   so the record is judged by the clock of the node that wrote its
+    ///   deadlines, not by the global key's node.
     async fn read_record(
         &self,
         key: &str,
         session: &SessionId,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    ) -> Result<Option<(Vec<u8>, Option<i64>)>, StoreError> {
         let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
+        let with_time = self.conn.is_cluster();
         let mut pipe = redis::pipe();
-        pipe.cmd("HGET")
-            .arg(key)
-            .arg(session.field())
-            .cmd("ECHO")
-            .arg(nonce);
+        if self.conn.is_sentinel() {
+            pipe.cmd("DEL").arg(&self.probe_key).ignore();
+        }
+        pipe.cmd("HGET").arg(key).arg(session.field());
+        if with_time {
+            pipe.cmd("TIME");
+        }
+        pipe.cmd("ECHO").arg(nonce);
+        let replies = if with_time { 3 } else { 2 };
         let pipe = &pipe;
         let mut reply: Vec<Value> = self
             .conn
             .call(
-                |mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await },
-                |reply: &Vec<Value>| reply.len() == 2 && is_nonce(reply.get(1), nonce),
+                |mut conn| async move {
+                    match pipe.query_async::<Vec<Value>>(&mut conn).await {
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::Ask) =>
+                        {
+                            ask_pipeline(conn, pipe, replies, &e).await
+                        }
+                        other => other,
+                    }
+                },
+                |reply: &Vec<Value>| {
+                    reply.len() == replies && is_nonce(reply.get(replies - 1), nonce)
+                },
             )
             .await?;
+        let now_ms = if with_time {
+            Some(time_ms(reply.swap_remove(1))?)
+        } else {
+            None
+        };
         match reply.swap_remove(0) {
             Value::Nil => Ok(None),
-            Value::BulkString(blob) => Ok(Some(blob)),
+            Value::BulkString(blob) => Ok(Some((blob, now_ms))),
             other => Err(StoreError::Protocol(format!(
                 "a session record that is not a string: {other:?}"
             ))),
@@ -821,10 +864,7 @@ impl Store {
     /// nothing (see `lua/probe.lua`), so Redis says whether it would take
     /// the service's scripts and writes.
     pub async fn probe(&self) -> Result<(), StoreError> {
-        let cmd = evalsha(
-            &self.scripts.probe,
-            &format!("{}readyz-probe", self.keys.prefix()),
-        );
+        let cmd = evalsha(&self.scripts.probe, &self.probe_key);
         self.run_script(&self.scripts.probe, cmd).await.map(|_| ())
     }
 
@@ -1127,6 +1167,40 @@ async fn follow_ask(
     cmd: &redis::Cmd,
     ask: &redis::RedisError,
 ) -> redis::RedisResult<Vec<Value>> {
+    let mut pipe = redis::pipe();
+    pipe.add_command(cmd.clone());
+    for attempt in 0..2 {
+        match ask_pipeline(conn.clone(), &pipe, 1, ask).await {
+            Err(e)
+                if attempt == 0
+                    && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                let conn::Connection::Cluster(mut cluster) = conn.clone() else {
+                    return Err(e);
+                };
+                script.load_async(&mut cluster).await?;
+            }
+            Err(e) => return Err(e),
+            Ok(mut replies) => {
+                return Ok(Vec::<Value>::from_redis_value(
+                    replies.pop().unwrap_or(Value::Nil),
+                )?);
+            }
+        }
+    }
+    Err(ask.clone())
+}
+
+/// Sends `ASKING` and `pipe`'s commands as ONE pipeline to the node an
+/// `ASK` redirection names (Cluster mode), and returns the `replies`
+/// replies after `ASKING`'s; a command's error fails the call. See
+/// [`follow_ask`] for why redis-rs's own redirection is not enough.
+async fn ask_pipeline(
+    conn: conn::Connection,
+    pipe: &redis::Pipeline,
+    replies: usize,
+    ask: &redis::RedisError,
+) -> redis::RedisResult<Vec<Value>> {
     // `redirect_node` is ("host:port", slot).
     let target = ask
         .redirect_node()
@@ -1139,25 +1213,17 @@ async fn follow_ask(
         host: host.to_string(),
         port,
     };
-    let mut pipe = redis::pipe();
-    pipe.cmd("ASKING").add_command(cmd.clone());
-    for attempt in 0..2 {
-        let mut replies = cluster
-            .route_pipeline(pipe.clone(), 1, 1, route.clone())
-            .await?;
-        let reply = replies.pop().unwrap_or(Value::Nil);
-        match reply.extract_error() {
-            Err(e)
-                if attempt == 0
-                    && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                script.load_async(&mut cluster).await?;
-            }
-            Err(e) => return Err(e),
-            Ok(v) => return Ok(Vec::<Value>::from_redis_value(v)?),
-        }
+    let mut asking = redis::pipe();
+    asking.cmd("ASKING");
+    for cmd in pipe.cmd_iter() {
+        asking.add_command(cmd.clone());
     }
-    Err(ask.clone())
+    cluster
+        .route_pipeline(asking, 1, replies, route)
+        .await?
+        .into_iter()
+        .map(Value::extract_error)
+        .collect()
 }
 
 /// Sends a `SCAN` to one node: the connection's own, or (Cluster) the
@@ -1266,6 +1332,18 @@ fn config_value(v: Value, setting: &str) -> Option<String> {
 }
 
 /// Whether a reply element is this nonce, echoed as text (no allocation).
+/// Milliseconds from a `TIME` reply (`[seconds, microseconds]`).
+fn time_ms(v: Value) -> Result<i64, StoreError> {
+    let parts: Vec<i64> = redis::from_redis_value(v)
+        .map_err(|e| StoreError::Protocol(format!("a TIME reply: {e}")))?;
+    match parts[..] {
+        [secs, micros] => Ok(secs * 1000 + micros / 1000),
+        _ => Err(StoreError::Protocol(
+            "a TIME reply of other than two parts".into(),
+        )),
+    }
+}
+
 fn is_nonce(v: Option<&Value>, nonce: u64) -> bool {
     match v {
         Some(Value::BulkString(bytes)) => {

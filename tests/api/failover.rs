@@ -44,7 +44,7 @@ async fn with_replica_acks_every_change_waits_for_a_replica_and_verify_never_doe
     let (primary, replica) = primary_and_replica();
     let app = spawn_app_on(
         &primary.url(),
-        &[("REDIS_MIN_REPLICAS_ACK", "1"), ("REDIS_TIMEOUT", "1s")],
+        &[("REDIS_MIN_REPLICAS_ACK", "1"), ("REDIS_TIMEOUT", "2s")],
     )
     .await;
     let a = app.create("alice", "laptop").await;
@@ -111,7 +111,7 @@ fn app_waits(primary: &TestRedis, _app: &TestApp) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_replica_acks_a_stopped_replica_changes_nothing() {
     let (primary, replica) = primary_and_replica();
-    let app = spawn_app_on(&primary.url(), &[("REDIS_TIMEOUT", "500ms")]).await;
+    let app = spawn_app_on(&primary.url(), &[("REDIS_TIMEOUT", "2s")]).await;
     let a = app.create("alice", "laptop").await;
     freeze(&replica, true);
     let b = app.create("bob", "laptop").await;

@@ -4,6 +4,7 @@
 mod helpers;
 mod redis_server;
 mod sentinel;
+mod sentinel_reads;
 
 mod abuse;
 mod admin;

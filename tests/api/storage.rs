@@ -359,7 +359,7 @@ async fn the_touch_script_never_recreates_a_record_and_keeps_later_elements() {
     let key = "sg:u{touch-test}";
     let run = |field: &str, touch_ms: &str| {
         app.redis_cmd(&[
-            "EVAL", touch, "1", key, field, "laptop", "60000", touch_ms, "0", "n1",
+            "EVAL", touch, "1", key, field, "laptop", "60000", touch_ms, "0", "3", "n1",
         ])
     };
     // No hash at all, then a hash without the field.
@@ -367,20 +367,22 @@ async fn the_touch_script_never_recreates_a_record_and_keeps_later_elements() {
     assert_eq!(app.redis_cmd(&["EXISTS", key]), ":0\r\n");
     let seed = "local t = redis.call('TIME') \
         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) \
-        redis.call('HSET', KEYS[1], '!u', 'u', ARGV[1], cmsgpack.pack({now - 5000, now - 5000, now - 5000, now + tonumber(ARGV[2]), 'laptop', '', 42})) \
+        redis.call('HSET', KEYS[1], '!u', 'u', ARGV[1], cmsgpack.pack({now - 5000, now - 5000, now - 5000, now + tonumber(ARGV[2]), 'laptop', '', 3, 42})) \
         return now";
     app.redis_cmd(&["EVAL", seed, "1", key, "f2", "3600000"]);
     assert_eq!(run("f1", "0"), "*2\r\n$2\r\nn1\r\n:0\r\n");
     assert_eq!(int_reply(&app.redis_cmd(&["HLEN", key])), 2);
-    // Alive, touch due: slid to now, the seventh element kept.
+    // Alive, touch due: slid to now, the epoch (seventh element) and an
+    // eighth kept.
     let before = app.redis_cmd(&["HGET", key, "f2"]);
     let reply = run("f2", "1000");
     assert!(reply.starts_with("*3\r\n$2\r\nn1\r\n:1\r\n:"), "{reply}");
     assert_ne!(app.redis_cmd(&["HGET", key, "f2"]), before, "not slid");
-    let read = "local r = cmsgpack.unpack(redis.call('HGET', KEYS[1], ARGV[1])) return {#r, r[7]}";
+    let read =
+        "local r = cmsgpack.unpack(redis.call('HGET', KEYS[1], ARGV[1])) return {#r, r[7], r[8]}";
     assert_eq!(
         app.redis_cmd(&["EVAL", read, "1", key, "f2"]),
-        "*2\r\n:7\r\n:42\r\n"
+        "*3\r\n:8\r\n:3\r\n:42\r\n"
     );
     // Not due (just slid): nothing written.
     let slid = app.redis_cmd(&["HGET", key, "f2"]);
@@ -391,4 +393,32 @@ async fn the_touch_script_never_recreates_a_record_and_keeps_later_elements() {
     app.redis_cmd(&["HDEL", key, "f2"]);
     assert_eq!(run("f3", "-1"), "*2\r\n$2\r\nn1\r\n:0\r\n");
     assert_eq!(app.redis_cmd(&["EXISTS", key]), ":0\r\n");
+}
+
+/// A create that runs twice (a Redis Cluster client resends a command whose
+/// connection dropped after Redis ran it) keeps the session it hands out:
+/// its own field is not taken for an older session on the same device.
+#[test]
+fn a_create_run_twice_keeps_its_own_session() {
+    let redis = crate::redis_server::TestRedis::start();
+    let script = concat!(
+        include_str!("../../src/store/lua/prelude.lua"),
+        include_str!("../../src/store/lua/create.lua")
+    );
+    let (key, field) = ("t:u{tag}", "QQ_SvuDaoL8NmW1Kwuf8Lg");
+    // field, user, device, auth_time, metadata, idle ms, lifetime ms, cap,
+    // cutoff ms, epoch, nonce
+    let create = [
+        "EVAL", script, "1", key, field, "alice", "laptop", "", "", "600000", "600000", "10", "0",
+        "0", "7",
+    ];
+    for run in 0..2 {
+        let reply = redis.cmd(&create);
+        assert!(reply.starts_with('*'), "run {run}: {reply}");
+    }
+    assert_eq!(
+        redis.cmd(&["HEXISTS", key, field]).trim(),
+        ":1",
+        "the second run deleted the session the first one created"
+    );
 }

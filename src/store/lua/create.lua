@@ -29,7 +29,10 @@ local live, doomed, replaced, evicted = {}, {}, 0, 0
 local all = redis.call('HGETALL', key)
 for i = 1, #all, 2 do
   local f = all[i]
-  if is_session_field(f) then
+  -- Our own field is already there only when this very create runs a second
+  -- time (a Cluster client resending it after a dropped connection): it is
+  -- written again below, never doomed as "the same device".
+  if is_session_field(f) and f ~= ARGV[1] then
     local rec = cmsgpack.unpack(all[i + 1])
     if not alive(rec, now, idle, cutoff, epoch) then
       doomed[#doomed + 1] = f
