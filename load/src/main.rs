@@ -2,7 +2,9 @@
 //!
 //! * `seed` creates sessions through the API and saves their tokens;
 //! * `run --scenario healthz|verify|mixed|revocation` measures throughput,
-//!   latency and revocation safety, and exits non-zero on any wrong answer.
+//!   latency and revocation safety, and exits non-zero on any wrong answer;
+//! * `run --scenario failover` kills the Redis primary mid-run (see
+//!   `failover.rs`) and reports acknowledged logouts lost and the outage.
 //!
 //! Exit status: 0 success; 1 wrong answers (a 2xx for a token whose
 //! revocation was acknowledged before the request was sent, any 5xx beyond
@@ -14,6 +16,7 @@
 //! failures).
 
 mod client;
+mod failover;
 mod plot;
 mod report;
 mod revocation;
@@ -49,7 +52,7 @@ enum Command {
     /// Create sessions through `POST /v1/sessions` and save their tokens.
     Seed(SeedArgs),
     /// Run a load scenario and report throughput, latency and safety.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Args, Clone)]
@@ -99,6 +102,10 @@ pub enum Scenario {
     Mixed,
     /// Revocations on A, propagation to B (two instances, one Redis).
     Revocation,
+    /// Verifies and logouts while `--kill-command` kills the Redis primary
+    /// (Sentinel or Cluster): acknowledged logouts lost, outage window,
+    /// verify throughput before and after.
+    Failover,
 }
 
 #[derive(Args, Clone)]
@@ -185,6 +192,13 @@ pub struct RunArgs {
     /// Fail (exit 3) when more than this share of requests got no answer.
     #[arg(long, default_value_t = 0.01)]
     pub max_error_ratio: f64,
+    /// Failover scenario: the shell command that kills the Redis primary
+    /// (e.g. "scripts/redis-sentinel kill-primary").
+    #[arg(long)]
+    pub kill_command: Option<String>,
+    /// Failover scenario: when to run --kill-command after the load started.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub kill_after: Duration,
 }
 
 /// `250ms`, `5s`, `2m`, `1h`, or plain seconds.
@@ -304,7 +318,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Seed(args) => seed::seed(args).await,
-            Command::Run(args) => run::run(args, threads).await,
+            Command::Run(args) => run::run(*args, threads).await,
         }
     });
     match result {

@@ -51,6 +51,7 @@ fn scenario_name(s: Scenario) -> &'static str {
         Scenario::Verify => "verify",
         Scenario::Mixed => "mixed",
         Scenario::Revocation => "revocation",
+        Scenario::Failover => "failover",
     }
 }
 

@@ -191,6 +191,11 @@ pub async fn run(args: RunArgs, threads: usize) -> Result<(), Failure> {
         .as_deref()
         .and_then(first_key)
         .map(|k| bearer(&k));
+    if args.scenario == Scenario::Failover {
+        let issuer = issuer
+            .ok_or_else(|| Failure::Usage("the failover scenario needs the issuer key".into()))?;
+        return crate::failover::run(args, target, issuer).await;
+    }
     if args.scenario == Scenario::Revocation {
         let b = target_b.ok_or_else(|| {
             Failure::Usage("the revocation scenario needs --target-b (a second instance)".into())

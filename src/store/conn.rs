@@ -366,13 +366,12 @@ impl ConnectionLayer {
         &self,
         client: &tokio::sync::Mutex<SentinelClient>,
     ) -> Result<redis::Client, StoreError> {
-        let found = client
-            .lock()
-            .await
-            .async_get_client()
-            .await
-            .map_err(|e| StoreError::from_redis(&e))?;
+        let found = client.lock().await.async_get_client().await.map_err(|e| {
+            tracing::debug!(error = %e, "Sentinel lookup of the primary failed");
+            StoreError::from_redis(&e)
+        })?;
         let addr = found.get_connection_info().addr().to_string();
+        tracing::debug!(primary = %addr, "Sentinel names the primary");
         let mut primary = self.primary.lock().unwrap_or_else(|p| p.into_inner());
         if primary.as_deref() != Some(addr.as_str()) {
             if primary.is_some() {

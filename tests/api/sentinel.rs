@@ -30,6 +30,8 @@ use crate::redis_server::{
 pub const MASTER: &str = "sessiongate";
 /// Sentinels' `down-after-milliseconds`.
 pub const DOWN_AFTER_MS: u64 = 1000;
+/// Arguments for data nodes: replicas sync at once (no diskless delay).
+pub const FAST_SYNC: [&str; 2] = ["--repl-diskless-sync-delay", "0"];
 /// Generous bound on every wait of this module.
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -78,17 +80,31 @@ impl SentinelTopology {
     /// every sentinel sees both replicas and the two other sentinels (so a
     /// failover can be agreed on at once). Blocking; a few seconds.
     pub fn start() -> SentinelTopology {
-        let fast_sync = ["--repl-diskless-sync-delay", "0"];
-        let primary = TestRedis::start_with_own_conf(&fast_sync);
-        let port = primary.port().to_string();
+        let primary = TestRedis::start_with_own_conf(&FAST_SYNC);
+        let port = primary.port();
+        SentinelTopology::start_custom(primary, port, port)
+    }
+
+    /// Like [`SentinelTopology::start`] around a primary the caller
+    /// started (with [`TestRedis::start_with_own_conf`] and
+    /// [`FAST_SYNC`]): the replicas replicate from `replicate_from` and the
+    /// sentinels monitor (and so hand clients) `monitor_port` — a fault
+    /// proxy in front of the primary, to cut it off from its replicas
+    /// only, or from everyone.
+    pub fn start_custom(
+        primary: TestRedis,
+        replicate_from: u16,
+        monitor_port: u16,
+    ) -> SentinelTopology {
+        let from = replicate_from.to_string();
         let mut nodes = vec![primary];
         for _ in 0..2 {
             nodes.push(TestRedis::start_with_own_conf(&[
-                fast_sync[0],
-                fast_sync[1],
+                FAST_SYNC[0],
+                FAST_SYNC[1],
                 "--replicaof",
                 "127.0.0.1",
-                &port,
+                &from,
             ]));
         }
         let mut topo = SentinelTopology {
@@ -100,9 +116,8 @@ impl SentinelTopology {
                 .expect("a temporary directory"),
         };
         topo.wait_replicas_online(2);
-        let primary_port = topo.nodes[0].port();
         for i in 0..3 {
-            let sentinel = topo.spawn_sentinel(i, primary_port);
+            let sentinel = topo.spawn_sentinel(i, monitor_port);
             topo.sentinels.push(sentinel);
         }
         topo.wait_sentinels_agree();
@@ -174,6 +189,33 @@ impl SentinelTopology {
         );
     }
 
+    /// Waits until every replica has applied everything the primary (the
+    /// first node that says it is one) has written.
+    pub fn wait_replicas_caught_up(&self) {
+        let offset = |node: &TestRedis, field: &str| -> Option<u64> {
+            let info = node.try_cmd(&["INFO", "replication"]).ok()?;
+            info.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        wait_until("replicas caught up", SETTLE, || {
+            let Some(primary) = self
+                .nodes
+                .iter()
+                .find(|n| n.pid().is_some() && is_primary(n))
+            else {
+                return false;
+            };
+            let Some(target) = offset(primary, "master_repl_offset:") else {
+                return false;
+            };
+            self.nodes
+                .iter()
+                .filter(|n| n.port() != primary.port() && n.pid().is_some())
+                .all(|n| offset(n, "slave_repl_offset:").is_some_and(|o| o >= target))
+        });
+    }
+
     /// Waits until the current primary reports `n` replicas online.
     pub fn wait_replicas_online(&self, n: usize) {
         wait_until("replicas online", SETTLE, || {
@@ -242,6 +284,11 @@ impl SentinelTopology {
     /// The current primary (per the sentinels).
     pub fn primary(&self) -> &TestRedis {
         self.node(self.primary_port())
+    }
+
+    /// The node that was the primary at the start.
+    pub fn first_primary(&self) -> &TestRedis {
+        &self.nodes[0]
     }
 
     /// The data nodes that are not the current primary.
