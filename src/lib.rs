@@ -20,12 +20,14 @@
 //! - [`session`]: `SessionService`, every use case.
 //! - [`store`]: Redis: key schema, Lua scripts, connections.
 //! - [`http`]: routes, extractors, handlers, the OpenAPI document.
+//! - [`grpc`]: Envoy's gRPC `ext_authz` check, the same decision as `/v1/verify`.
 //! - [`console`]: the admin console pages under `/admin/`.
 
 pub mod config;
 pub mod console;
 pub mod domain;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod jwks;
 pub mod metrics;

@@ -8,10 +8,10 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::AppState;
-use super::extract::BearerToken;
+use super::extract::{BearerToken, TokenSource};
 use crate::error::ApiError;
 use crate::metrics::VerifyOutcome;
-use crate::session::Reauth;
+use crate::session::{ActiveSession, Reauth};
 
 pub const X_SESSION_USER: HeaderName = HeaderName::from_static("x-session-user");
 pub const X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
@@ -80,8 +80,25 @@ async fn checked(
     use_query: bool,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let result = verify_inner(req, state, use_query).await;
-    let outcome = match &result {
+    let result = match http_max_age(req, use_query) {
+        Ok(max_age) => decide(state, req, max_age).await,
+        Err(e) => Err(e),
+    };
+    record(state, started, &result);
+    let active = result?;
+    let [user, session, device] = active.token.identity_headers.clone();
+    Ok(HttpResponse::Ok()
+        .insert_header((X_SESSION_USER, user))
+        .insert_header((X_SESSION_ID, session))
+        .insert_header((X_SESSION_DEVICE, device))
+        .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")))
+        .finish())
+}
+
+/// Counts a check's outcome and duration (`sessiongate_verify_*`), for
+/// either form.
+pub fn record<T>(state: &AppState, started: Instant, result: &Result<T, ApiError>) {
+    let outcome = match result {
         Ok(_) => VerifyOutcome::Ok,
         Err(ApiError::InvalidToken) => VerifyOutcome::InvalidToken,
         Err(ApiError::InsufficientAuth { .. }) => VerifyOutcome::InsufficientAuth,
@@ -92,53 +109,67 @@ async fn checked(
     state
         .metrics
         .verify(outcome, started.elapsed().as_secs_f64());
-    result
 }
 
-async fn verify_inner(
-    req: &HttpRequest,
+/// The gateway check's decision, the same for `/v1/verify` and for Envoy's
+/// gRPC `Check` (`crate::grpc`): the token from `source` (header, else the
+/// cookie under the CSRF rule), then one Redis round trip, with `reauth_after`
+/// tightened by the route's `max_age`.
+pub async fn decide(
     state: &AppState,
-    use_query: bool,
-) -> Result<HttpResponse, ApiError> {
-    let from_query = if use_query {
-        max_age(req.query_string())?
-    } else {
-        // The tail form's query is the original request's: a max_age there
-        // still tightens (the contract allows it on both forms), but an
-        // unparseable one is the app's business and is ignored, not a 400.
-        max_age(req.query_string()).ok().flatten()
-    };
-    let from_header = match req.headers().get(MAX_AGE_HEADER) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::InvalidRequest(
-                        "X-Sessiongate-Max-Age must be a whole number of seconds".into(),
-                    )
-                })?,
-        ),
-    };
-    // Each can only tighten the policy: the smallest wins.
-    let max_age = match (from_query, from_header) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    let BearerToken(token) = BearerToken::from_request_parts(req)?;
-    let active = state
+    source: &(impl TokenSource + ?Sized),
+    max_age: Option<u64>,
+) -> Result<ActiveSession, ApiError> {
+    let BearerToken(token) = BearerToken::from_source(source, &state.cookie_name, &state.origin)?;
+    state
         .service
         .verify(&token, Reauth::Enforce { max_age }, false)
         .await
-        .map_err(ApiError::from)?;
-    let [user, session, device] = active.token.identity_headers.clone();
-    Ok(HttpResponse::Ok()
-        .insert_header((X_SESSION_USER, user))
-        .insert_header((X_SESSION_ID, session))
-        .insert_header((X_SESSION_DEVICE, device))
-        .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")))
-        .finish())
+        .map_err(ApiError::from)
+}
+
+/// The route's password-age demand of an HTTP check: `?max_age=` and
+/// `X-Sessiongate-Max-Age`, the smaller winning.
+fn http_max_age(req: &HttpRequest, use_query: bool) -> Result<Option<u64>, ApiError> {
+    let from_query = if use_query {
+        max_age(req.query_string())?
+    } else {
+        tail_max_age(req.query_string())
+    };
+    let from_header = req
+        .headers()
+        .get(MAX_AGE_HEADER)
+        .map(|v| max_age_header(v.as_bytes()))
+        .transpose()?;
+    Ok(tightest(from_query, from_header))
+}
+
+/// `max_age` in the query of the original request (the `{tail}` form, and
+/// Envoy's gRPC check): it still tightens (the contract allows it on both
+/// forms), but an unparseable one is the app's business and is ignored,
+/// not a 400.
+pub fn tail_max_age(query: &str) -> Option<u64> {
+    max_age(query).ok().flatten()
+}
+
+/// An `X-Sessiongate-Max-Age` value: whole seconds, else a 400.
+pub fn max_age_header(value: &[u8]) -> Result<u64, ApiError> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(
+                "X-Sessiongate-Max-Age must be a whole number of seconds".into(),
+            )
+        })
+}
+
+/// Each demand can only tighten the policy: the smallest wins.
+pub fn tightest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The same check, for gateways that append the original path (Envoy

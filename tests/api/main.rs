@@ -13,6 +13,7 @@ mod console;
 mod fault_proxy;
 mod faults;
 mod gateway;
+mod grpc;
 mod health;
 mod input;
 mod jwks;
