@@ -22,6 +22,7 @@
 //! - [`http`]: routes, extractors, handlers, the OpenAPI document.
 //! - [`grpc`]: Envoy's gRPC `ext_authz` check, the same decision as `/v1/verify`.
 //! - [`console`]: the admin console pages under `/admin/`.
+//! - [`timefmt`]: UTC times for people (console, `sessiongate admin`).
 
 pub mod config;
 pub mod console;
@@ -36,4 +37,5 @@ pub mod startup;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod timefmt;
 pub mod token;

@@ -1,17 +1,8 @@
 //! The Redis store: every session operation is one atomic Lua script on one
 //! user's hash (see [`keys`] for the schema and `lua/` for the scripts, each
-//! with a header naming its KEYS, ARGV and reply).
-//!
-//! Connections: each HTTP worker thread keeps one multiplexed connection of
-//! its own (requests on that worker are pipelined on it, and its driver runs
-//! on the worker's own runtime, so a verify never hops threads). Checking a
-//! connection out of a pool per request would cost deadpool-redis's PING
-//! round trip each time. A broken or repeatedly timing-out connection is
-//! dropped and the next call opens a fresh one, so recovery needs no
-//! restart. Bulk work (the logout-all purge) uses the deadpool-redis pool,
-//! bounded in size and time, so it never queues ahead of verifies.
-//!
-//! Every call is bounded by `redis_timeout`: pool wait, connect and reply.
+//! with a header naming its KEYS, ARGV and reply). How the store reaches
+//! Redis (per-thread connections, reconnects, the bulk-work pool, pub/sub,
+//! timeouts) is [`conn`]'s.
 //!
 //! Replies are matched to requests, not trusted by order: every script call
 //! carries a nonce (a per-process counter) as its last argument and every
@@ -20,18 +11,17 @@
 //! [`StoreError::Protocol`] (a 503), is counted in
 //! `sessiongate_redis_reply_mismatch_total`, and drops the connection.
 
+mod conn;
 pub mod keys;
 
-use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use deadpool_redis::{Manager, Pool, Runtime};
-use redis::aio::MultiplexedConnection;
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, FromRedisValue, Script, Value};
+use redis::{FromRedisValue, Script, Value};
+
+use conn::ConnectionLayer;
+pub use conn::Topology;
 
 use crate::domain::{DeviceId, SessionId, UserId, UserTag};
 use crate::metrics::Metrics;
@@ -46,13 +36,6 @@ macro_rules! script {
     };
 }
 
-/// After this many timeouts in a row the connection is replaced.
-const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
-
-static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
-
-static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
-
 /// The nonce of the next script call (unique within the process, which is
 /// enough: a connection carries one process's requests).
 static NEXT_NONCE: AtomicU64 = AtomicU64::new(1);
@@ -63,70 +46,6 @@ fn evalsha(script: &Script, key: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(script.get_hash()).arg(1).arg(key);
     cmd
-}
-
-/// A connection to a single Redis or to a Redis Cluster. Both are
-/// multiplexed and cheap to clone; the cluster one routes each script by its
-/// key's slot (every per-user script touches one hash, so one slot).
-#[derive(Clone)]
-enum Connection {
-    Single(MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-impl redis::aio::ConnectionLike for Connection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        match self {
-            Connection::Single(c) => c.req_packed_command(cmd),
-            Connection::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        match self {
-            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Connection::Single(c) => c.get_db(),
-            Connection::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-/// One thread's request-path connection to one store.
-struct LocalConnection {
-    store: u64,
-    /// Unique per opened connection, so stale timeouts are not held against
-    /// a newer one.
-    generation: u64,
-    conn: Connection,
-    timeouts: u32,
-}
-
-thread_local! {
-    static LOCAL_CONNECTIONS: RefCell<Vec<LocalConnection>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Delays the next connection attempt unless forgotten (on success).
-struct BackoffOnDrop<'a>(&'a Store);
-
-impl Drop for BackoffOnDrop<'_> {
-    fn drop(&mut self) {
-        let store = self.0;
-        let until = store.clock.elapsed() + store.reconnect_backoff;
-        store
-            .next_connect_ms
-            .store(until.as_millis() as u64, Ordering::Relaxed);
-    }
 }
 
 /// Why the store could not answer. Every kind means 503 to the client.
@@ -140,6 +59,10 @@ pub enum StoreError {
     Refused(String),
     #[error("unexpected reply from Redis: {0}")]
     Protocol(String),
+    /// `WAIT` counted fewer replicas than required: the change may have
+    /// been applied on the primary, and may be lost in a failover.
+    #[error("only {got} of {wanted} Redis replicas confirmed the change")]
+    NotReplicated { wanted: u32, got: i64 },
 }
 
 impl StoreError {
@@ -160,6 +83,7 @@ impl StoreError {
             StoreError::Connection(_) => "connection",
             StoreError::Refused(_) => "refused",
             StoreError::Protocol(_) => "protocol",
+            StoreError::NotReplicated { .. } => "not_replicated",
         }
     }
 }
@@ -297,26 +221,20 @@ struct Scripts {
 }
 
 pub struct Store {
-    id: u64,
-    pool: Pool,
-    client: redis::Client,
-    /// Set in Redis Cluster mode: commands go through it instead of `client`.
-    cluster: Option<ClusterClient>,
-    /// The addresses pub/sub may subscribe at (any node hears every
-    /// PUBLISH in a cluster); tried in turn.
-    event_urls: Vec<String>,
-    next_event_url: AtomicU64,
-    connection_config: AsyncConnectionConfig,
-    reconnecting: tokio::sync::Mutex<()>,
-    /// Monotonic origin for `next_connect_ms`.
+    conn: ConnectionLayer,
+    /// Replicas that must confirm every acknowledged change (`WAIT`); 0:
+    /// no `WAIT`.
+    min_replicas_ack: u32,
+    /// `WAIT`'s own timeout, 2/5 of the Redis timeout: a shortfall is
+    /// reported as such rather than as a timeout, even when the first try
+    /// met `NOSCRIPT` (its `WAIT` still ran) and the pipeline ran twice.
+    wait_ms: u64,
+    /// Monotonic origin for `durability_checked_ms`.
     clock: std::time::Instant,
-    next_connect_ms: AtomicU64,
     /// When the durability settings were last read for an anonymous
     /// `/readyz` (ms on `clock`, 0: never), so callers without a key cannot
     /// make Redis run `CONFIG GET` more than once per interval.
     durability_checked_ms: AtomicU64,
-    reconnect_backoff: Duration,
-    timeout: Duration,
     keys: KeySchema,
     scripts: Scripts,
     metrics: Arc<Metrics>,
@@ -334,50 +252,51 @@ impl Store {
         keys: KeySchema,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout));
-        let manager = Manager::new_with_config(url, config.clone())
-            .map_err(|e| StoreError::Connection(e.to_string()))?;
-        let pool = Pool::builder(manager)
-            .max_size(pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .build()
-            .map_err(|e| StoreError::Connection(e.to_string()))?;
-        let client = redis::Client::open(url).map_err(|e| StoreError::Connection(e.to_string()))?;
-        let cluster = if cluster_nodes.is_empty() {
-            None
+        let topology = if cluster_nodes.is_empty() {
+            Topology::Standalone {
+                url: url.to_string(),
+            }
         } else {
-            Some(
-                ClusterClient::builder(cluster_nodes.iter().map(String::as_str))
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .build()
-                    .map_err(|e| StoreError::Connection(e.to_string()))?,
-            )
+            Topology::Cluster {
+                nodes: cluster_nodes.to_vec(),
+            }
         };
-        let event_urls = if cluster_nodes.is_empty() {
-            vec![url.to_string()]
-        } else {
-            cluster_nodes.to_vec()
-        };
+        Store::open(&topology, timeout, pool_size, keys, metrics)
+    }
+
+    /// The store for the configured topology, with the settings' timeout,
+    /// key prefix and replica acknowledgements; `pool_size` bulk-work
+    /// connections. Connects lazily (see [`Store::new`]).
+    pub fn from_settings(
+        settings: &crate::config::Settings,
+        pool_size: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
+        let mut store = Store::open(
+            &settings.redis_topology(),
+            settings.redis_timeout,
+            pool_size,
+            KeySchema::new(&settings.key_prefix),
+            metrics,
+        )?;
+        store.min_replicas_ack = settings.redis_min_replicas_ack;
+        Ok(store)
+    }
+
+    /// Like [`Store::new`], for any [`Topology`].
+    pub fn open(
+        topology: &Topology,
+        timeout: Duration,
+        pool_size: usize,
+        keys: KeySchema,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
         Ok(Store {
-            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
-            pool,
-            client,
-            cluster,
-            event_urls,
-            next_event_url: AtomicU64::new(0),
-            connection_config: config,
-            reconnecting: tokio::sync::Mutex::new(()),
+            conn: ConnectionLayer::new(topology, timeout, pool_size, metrics.clone())?,
+            min_replicas_ack: 0,
+            wait_ms: (timeout.as_millis() as u64 * 2 / 5).max(1),
             clock: std::time::Instant::now(),
-            next_connect_ms: AtomicU64::new(0),
             durability_checked_ms: AtomicU64::new(0),
-            reconnect_backoff: timeout.min(Duration::from_millis(200)),
-            timeout,
             keys,
             scripts: Scripts {
                 verify: script!("verify.lua"),
@@ -397,156 +316,15 @@ impl Store {
         &self.keys
     }
 
+    /// Keeps the connections on the node that takes writes (Sentinel mode:
+    /// follows the sentinels' primary; see `conn`). Other topologies:
+    /// returns at once. Spawn it for the life of the store.
+    pub async fn run_topology_watch(self: Arc<Self>) {
+        self.conn.watch().await
+    }
+
     pub fn pool_status(&self) -> deadpool_redis::Status {
-        self.pool.status()
-    }
-
-    fn local_connection(&self) -> Option<(u64, Connection)> {
-        LOCAL_CONNECTIONS.with(|c| {
-            c.borrow()
-                .iter()
-                .find(|l| l.store == self.id)
-                .map(|l| (l.generation, l.conn.clone()))
-        })
-    }
-
-    /// This thread's connection, opened when there is none. One opening at
-    /// a time, and after a failed opening none for `reconnect_backoff`, so an
-    /// outage costs a connection attempt per backoff, not one per request.
-    async fn connection(&self) -> Result<(u64, Connection), StoreError> {
-        if let Some(found) = self.local_connection() {
-            return Ok(found);
-        }
-        let _guard = self.reconnecting.lock().await;
-        if let Some(found) = self.local_connection() {
-            return Ok(found);
-        }
-        if self.clock.elapsed().as_millis() < self.next_connect_ms.load(Ordering::Relaxed) as u128 {
-            return Err(StoreError::Connection(
-                "Redis unreachable; waiting before reconnecting".into(),
-            ));
-        }
-        // Armed until the connection is up: a failure, or this future being
-        // dropped at its deadline, delays the next attempt.
-        let backoff = BackoffOnDrop(self);
-        let conn = match &self.cluster {
-            None => Connection::Single(
-                self.client
-                    .get_multiplexed_async_connection_with_config(&self.connection_config)
-                    .await
-                    .map_err(|e| StoreError::from_redis(&e))?,
-            ),
-            Some(cluster) => Connection::Cluster(
-                cluster
-                    .get_async_connection()
-                    .await
-                    .map_err(|e| StoreError::from_redis(&e))?,
-            ),
-        };
-        std::mem::forget(backoff);
-        let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
-        LOCAL_CONNECTIONS.with(|c| {
-            c.borrow_mut().push(LocalConnection {
-                store: self.id,
-                generation,
-                conn: conn.clone(),
-                timeouts: 0,
-            })
-        });
-        Ok((generation, conn))
-    }
-
-    /// Drops this thread's connection if it is still `generation`; the next
-    /// call opens a new one.
-    fn forget_connection(&self, generation: u64) {
-        LOCAL_CONNECTIONS.with(|c| {
-            c.borrow_mut()
-                .retain(|l| !(l.store == self.id && l.generation == generation))
-        });
-    }
-
-    /// Counts a timeout against the connection that timed out; after
-    /// `TIMEOUTS_BEFORE_RECONNECT` in a row it is replaced. Timeouts of
-    /// requests sent on an older connection do not count against a new one.
-    fn count_timeout(&self, generation: u64) {
-        let worn_out = LOCAL_CONNECTIONS.with(|c| {
-            let mut conns = c.borrow_mut();
-            let Some(l) = conns
-                .iter_mut()
-                .find(|l| l.store == self.id && l.generation == generation)
-            else {
-                return false;
-            };
-            l.timeouts += 1;
-            l.timeouts >= TIMEOUTS_BEFORE_RECONNECT
-        });
-        if worn_out {
-            self.forget_connection(generation);
-        }
-    }
-
-    fn reset_timeouts(&self, generation: u64) {
-        LOCAL_CONNECTIONS.with(|c| {
-            if let Some(l) = c
-                .borrow_mut()
-                .iter_mut()
-                .find(|l| l.store == self.id && l.generation == generation)
-            {
-                l.timeouts = 0;
-            }
-        });
-    }
-
-    /// Runs `op` on this thread's connection, bounded by the timeout, and
-    /// keeps the connection's health books. A reply failing `matches` (not
-    /// the answer to this request) fails the call and drops the connection:
-    /// its replies can no longer be matched to requests.
-    async fn call<T, F, Fut>(
-        &self,
-        op: F,
-        matches: impl FnOnce(&T) -> bool,
-    ) -> Result<T, StoreError>
-    where
-        F: FnOnce(Connection) -> Fut,
-        Fut: std::future::Future<Output = Result<T, redis::RedisError>>,
-    {
-        // The generation used (0: none yet); atomic only to keep the future Send.
-        let used = AtomicU64::new(0);
-        let attempt = async {
-            let (generation, conn) = self.connection().await?;
-            used.store(generation, Ordering::Relaxed);
-            let reply = op(conn).await.map_err(|e| {
-                let err = StoreError::from_redis(&e);
-                if matches!(err, StoreError::Connection(_)) || e.is_unrecoverable_error() {
-                    self.forget_connection(generation);
-                }
-                err
-            })?;
-            if !matches(&reply) {
-                self.forget_connection(generation);
-                self.metrics.reply_mismatch.inc();
-                return Err(StoreError::Protocol(
-                    "a reply for another request (nonce mismatch)".into(),
-                ));
-            }
-            Ok(reply)
-        };
-        let result = match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-        };
-        let used = Some(used.into_inner()).filter(|g| *g != 0);
-        match (&result, used) {
-            (Ok(_), Some(generation)) => self.reset_timeouts(generation),
-            (Err(err), generation) => {
-                self.metrics.redis_error(err.kind());
-                if let (StoreError::Timeout(_), Some(generation)) = (err, generation) {
-                    self.count_timeout(generation);
-                }
-            }
-            _ => {}
-        }
-        result
+        self.conn.pool_status()
     }
 
     /// Runs an `EVALSHA` command built in one go (no intermediate
@@ -556,17 +334,62 @@ impl Store {
     async fn run_script(
         &self,
         script: &Script,
+        cmd: redis::Cmd,
+    ) -> Result<std::vec::IntoIter<Value>, StoreError> {
+        self.run_script_waiting(script, cmd, 0).await
+    }
+
+    /// [`Store::run_script`] for a change the client is told is done: when
+    /// `min_replicas_ack` > 0, pipelined with `WAIT n` on the same
+    /// connection (so, in Cluster mode, to the node that took the write:
+    /// redis-rs routes a pipeline by its first keyed command), in the same
+    /// round trip; fewer confirmations fail it with
+    /// [`StoreError::NotReplicated`].
+    async fn run_acknowledged(
+        &self,
+        script: &Script,
+        cmd: redis::Cmd,
+    ) -> Result<std::vec::IntoIter<Value>, StoreError> {
+        self.run_script_waiting(script, cmd, self.min_replicas_ack)
+            .await
+    }
+
+    async fn run_script_waiting(
+        &self,
+        script: &Script,
         mut cmd: redis::Cmd,
+        replicas: u32,
     ) -> Result<std::vec::IntoIter<Value>, StoreError> {
         let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
         cmd.arg(nonce);
         let cmd = &cmd;
-        let reply: Vec<Value> = self
-            .call(
-                |mut conn| async move { evalsha_loading(&mut conn, script, cmd).await },
-                |reply| is_nonce(reply.first(), nonce),
-            )
-            .await?;
+        let (reply, acks): (Vec<Value>, i64) = if replicas == 0 {
+            let reply = self
+                .conn
+                .call(
+                    |mut conn| async move { evalsha_loading(&mut conn, script, cmd).await },
+                    |reply: &Vec<Value>| is_nonce(reply.first(), nonce),
+                )
+                .await?;
+            (reply, 0)
+        } else {
+            let wait_ms = self.wait_ms;
+            self.conn
+                .call(
+                    |mut conn| async move {
+                        evalsha_waiting(&mut conn, script, cmd, replicas, wait_ms).await
+                    },
+                    |(reply, _): &(Vec<Value>, i64)| is_nonce(reply.first(), nonce),
+                )
+                .await?
+        };
+        if acks < i64::from(replicas) {
+            self.metrics.redis_error("not_replicated");
+            return Err(StoreError::NotReplicated {
+                wanted: replicas,
+                got: acks,
+            });
+        }
         let mut it = reply.into_iter();
         it.next();
         Ok(it)
@@ -638,7 +461,7 @@ impl Store {
             .arg(new.absolute_ms)
             .arg(new.max_per_user)
             .arg(live.cutoff_ms);
-        let mut it = self.run_script(&self.scripts.create, cmd).await?;
+        let mut it = self.run_acknowledged(&self.scripts.create, cmd).await?;
         Ok(Created {
             created_ms: int(it.next())?,
             expires_ms: int(it.next())?,
@@ -665,7 +488,7 @@ impl Store {
         live: Liveness,
     ) -> Result<u64, StoreError> {
         let cmd = self.revoke_cmd(key, which, live);
-        let mut it = self.run_script(&self.scripts.revoke, cmd).await?;
+        let mut it = self.run_acknowledged(&self.scripts.revoke, cmd).await?;
         Ok(int(it.next())?.max(0) as u64)
     }
 
@@ -691,7 +514,7 @@ impl Store {
         cmd.arg(session.field())
             .arg(live.idle_ms)
             .arg(live.cutoff_ms);
-        let mut it = self.run_script(&self.scripts.reauth, cmd).await?;
+        let mut it = self.run_acknowledged(&self.scripts.reauth, cmd).await?;
         Ok(match int(it.next())? {
             1 => Some(int(it.next())?),
             _ => None,
@@ -741,7 +564,12 @@ impl Store {
                 .arg(0),
         };
         cmd.arg(self.keys.events());
-        let mut it = self.run_script(&self.scripts.global, cmd).await?;
+        // A lost `init` fails closed (a new ring: tokens of the lost kid are
+        // refused), so only rotations and cutoffs wait for replicas.
+        let mut it = match op {
+            GlobalOp::Init { .. } => self.run_script(&self.scripts.global, cmd).await?,
+            _ => self.run_acknowledged(&self.scripts.global, cmd).await?,
+        };
         Ok(GlobalRecord {
             cutoff_ms: int(it.next())?,
             ring_json: text(it.next())?,
@@ -794,7 +622,7 @@ impl Store {
     /// purged there: the cutoff refuses the sessions on every instance and
     /// their records expire by TTL.
     pub async fn purge_before(&self, cutoff_ms: i64, live: Liveness) -> Result<u64, StoreError> {
-        if self.cluster.is_some() {
+        if self.conn.is_cluster() {
             return Ok(0);
         }
         let result = self.purge_on_pool(cutoff_ms, live).await;
@@ -809,15 +637,9 @@ impl Store {
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
-            let mut conn = self
-                .bounded(async {
-                    self.pool
-                        .get()
-                        .await
-                        .map_err(|e| StoreError::Connection(e.to_string()))
-                })
-                .await?;
+            let mut conn = self.conn.pooled().await?;
             let scan = self
+                .conn
                 .bounded(async {
                     redis::cmd("SCAN")
                         .arg(cursor)
@@ -825,7 +647,7 @@ impl Store {
                         .arg(&pattern)
                         .arg("COUNT")
                         .arg(200)
-                        .query_async::<(u64, Vec<String>)>(&mut *conn)
+                        .query_async::<(u64, Vec<String>)>(&mut conn)
                         .await
                         .map_err(|e| StoreError::from_redis(&e))
                 })
@@ -833,7 +655,7 @@ impl Store {
             let (next, keys) = match scan {
                 Ok(found) => found,
                 Err(e) => {
-                    let _ = deadpool_redis::Connection::take(conn);
+                    conn.discard();
                     return Err(e);
                 }
             };
@@ -842,8 +664,9 @@ impl Store {
                 let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
                 cmd.arg(nonce);
                 let reply = self
+                    .conn
                     .bounded(async {
-                        evalsha_loading(&mut *conn, &self.scripts.revoke, &cmd)
+                        evalsha_loading(&mut conn, &self.scripts.revoke, &cmd)
                             .await
                             .map_err(|e| StoreError::from_redis(&e))
                     })
@@ -852,13 +675,13 @@ impl Store {
                     Ok(reply) if is_nonce(reply.first(), nonce) => reply,
                     Ok(_) => {
                         self.metrics.reply_mismatch.inc();
-                        let _ = deadpool_redis::Connection::take(conn);
+                        conn.discard();
                         return Err(StoreError::Protocol(
                             "a reply for another request (nonce mismatch)".into(),
                         ));
                     }
                     Err(e) => {
-                        let _ = deadpool_redis::Connection::take(conn);
+                        conn.discard();
                         return Err(e);
                     }
                 };
@@ -871,16 +694,6 @@ impl Store {
             cursor = next;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    }
-
-    /// `op` bounded by the timeout (for work off the request path).
-    async fn bounded<T>(
-        &self,
-        op: impl std::future::Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, op)
-            .await
-            .unwrap_or(Err(StoreError::Timeout(self.timeout)))
     }
 
     /// Reads [`DURABILITY_SETTINGS`] from Redis (`CONFIG GET`, one pipelined
@@ -914,7 +727,7 @@ impl Store {
             self.clock.elapsed().as_millis() as u64 + 1,
             Ordering::Relaxed,
         );
-        let checks = if self.cluster.is_some() {
+        let checks = if self.conn.is_cluster() {
             DURABILITY_SETTINGS
                 .iter()
                 .map(|&(setting, expected)| SettingCheck {
@@ -962,13 +775,10 @@ impl Store {
             pipe.cmd("CONFIG").arg("GET").arg(setting);
         }
         let replies = self
+            .conn
             .bounded(async {
-                let mut conn = self
-                    .pool
-                    .get()
-                    .await
-                    .map_err(|e| StoreError::Connection(e.to_string()))?;
-                pipe.query_async::<Vec<Value>>(&mut *conn)
+                let mut conn = self.conn.pooled().await?;
+                pipe.query_async::<Vec<Value>>(&mut conn)
                     .await
                     .map_err(|e| StoreError::from_redis(&e))
             })
@@ -1005,19 +815,7 @@ impl Store {
 
     /// A pub/sub connection subscribed to the events channel.
     pub async fn subscribe_events(&self) -> Result<redis::aio::PubSub, StoreError> {
-        let n = self.next_event_url.fetch_add(1, Ordering::Relaxed) as usize;
-        let url = &self.event_urls[n % self.event_urls.len()];
-        let attempt = async {
-            let client = redis::Client::open(url.as_str())?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(self.keys.events()).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(Ok(pubsub)) => Ok(pubsub),
-            Ok(Err(e)) => Err(StoreError::from_redis(&e)),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-        }
+        self.conn.subscribe(self.keys.events()).await
     }
 }
 
@@ -1032,6 +830,29 @@ async fn evalsha_loading<C: redis::aio::ConnectionLike>(
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             script.load_async(conn).await?;
             cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
+
+/// [`evalsha_loading`] pipelined with `WAIT replicas wait_ms`, in one round
+/// trip: the script's reply and the replicas that confirmed it.
+async fn evalsha_waiting<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    script: &Script,
+    cmd: &redis::Cmd,
+    replicas: u32,
+    wait_ms: u64,
+) -> redis::RedisResult<(Vec<Value>, i64)> {
+    let mut pipe = redis::pipe();
+    pipe.add_command(cmd.clone())
+        .cmd("WAIT")
+        .arg(replicas)
+        .arg(wait_ms);
+    match pipe.query_async::<(Vec<Value>, i64)>(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            pipe.query_async(conn).await
         }
         other => other,
     }
