@@ -42,8 +42,7 @@ use crate::error::ApiError;
 use crate::http::AppState;
 use crate::http::extract::{Duplicate, TokenSource, bearer_credentials, cookie_in};
 use crate::http::origin::{OriginPolicy, Original};
-use crate::http::verify::{self, MAX_AGE_HEADER};
-use crate::session::ActiveSession;
+use crate::http::verify::{self, Decision, MAX_AGE_HEADER};
 
 /// gRPC status codes (google.rpc.Code) of the answers.
 const OK: i32 = 0;
@@ -81,7 +80,7 @@ impl ExtAuthz {
         };
         verify::record(&self.state, started, &result);
         match result {
-            Ok(active) => allowed(&active, Checked::of(check).header_names()),
+            Ok(decision) => allowed(&decision, Checked::of(check).header_names()),
             Err(e) => denied(&e),
         }
     }
@@ -272,13 +271,19 @@ fn set_header(key: &str, value: &[u8]) -> HeaderValueOption {
     }
 }
 
-fn allowed(active: &ActiveSession, client_headers: Vec<&str>) -> CheckResponse {
-    let [user, session, device] = &active.token.identity_headers;
-    let headers = vec![
+fn allowed(decision: &Decision, client_headers: Vec<&str>) -> CheckResponse {
+    let [user, session, device] = &decision.active.token.identity_headers;
+    let mut headers = vec![
         set_header(verify::X_SESSION_USER.as_str(), user.as_bytes()),
         set_header(verify::X_SESSION_ID.as_str(), session.as_bytes()),
         set_header(verify::X_SESSION_DEVICE.as_str(), device.as_bytes()),
     ];
+    if let Some(assertion) = &decision.assertion {
+        headers.push(set_header(
+            verify::X_SESSION_ASSERTION.as_str(),
+            assertion.as_bytes(),
+        ));
+    }
     let ours = |name: &str| {
         headers
             .iter()

@@ -113,6 +113,7 @@ impl Application {
                 settings.api_key_failure_window,
             ),
             console: crate::console::Console::new(&settings),
+            assertions: crate::assertion::Assertions::from_settings(&settings),
         });
         let grpc = match settings.grpc_listen {
             None => None,

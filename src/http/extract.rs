@@ -639,6 +639,7 @@ mod extractor_tests {
             },
             key_failures: KeyFailures::new(3, Duration::from_secs(60)),
             console: crate::console::Console::new(&settings),
+            assertions: None,
         })
     }
 

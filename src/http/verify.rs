@@ -16,6 +16,8 @@ use crate::session::{ActiveSession, Reauth};
 pub const X_SESSION_USER: HeaderName = HeaderName::from_static("x-session-user");
 pub const X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
 pub const X_SESSION_DEVICE: HeaderName = HeaderName::from_static("x-session-device");
+/// The signed identity (`upstream_assertion`), see `crate::assertion`.
+pub const X_SESSION_ASSERTION: HeaderName = HeaderName::from_static("x-session-assertion");
 /// A route's password-age demand sent as a header (tighten-only), for
 /// gateways that cannot add a query parameter (Envoy `ext_authz`).
 pub const MAX_AGE_HEADER: HeaderName = HeaderName::from_static("x-sessiongate-max-age");
@@ -85,14 +87,25 @@ async fn checked(
         Err(e) => Err(e),
     };
     record(state, started, &result);
-    let active = result?;
-    let [user, session, device] = active.token.identity_headers.clone();
-    Ok(HttpResponse::Ok()
+    let decision = result?;
+    let [user, session, device] = decision.active.token.identity_headers.clone();
+    let mut answer = HttpResponse::Ok();
+    answer
         .insert_header((X_SESSION_USER, user))
         .insert_header((X_SESSION_ID, session))
         .insert_header((X_SESSION_DEVICE, device))
-        .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")))
-        .finish())
+        .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")));
+    if let Some(assertion) = decision.assertion {
+        answer.insert_header((X_SESSION_ASSERTION, assertion));
+    }
+    Ok(answer.finish())
+}
+
+/// A session confirmed alive, and what the gateway passes on.
+pub struct Decision {
+    pub active: ActiveSession,
+    /// `X-Session-Assertion`, when `upstream_assertion` is on.
+    pub assertion: Option<HeaderValue>,
 }
 
 /// Counts a check's outcome and duration (`sessiongate_verify_*`), for
@@ -119,13 +132,37 @@ pub async fn decide(
     state: &AppState,
     source: &(impl TokenSource + ?Sized),
     max_age: Option<u64>,
-) -> Result<ActiveSession, ApiError> {
+) -> Result<Decision, ApiError> {
     let BearerToken(token) = BearerToken::from_source(source, &state.cookie_name, &state.origin)?;
-    state
+    // The assertion needs the session's auth_time: the record comes back
+    // in the same round trip.
+    let active = state
         .service
-        .verify(&token, Reauth::Enforce { max_age }, false)
+        .verify(
+            &token,
+            Reauth::Enforce { max_age },
+            state.assertions.is_some(),
+        )
         .await
-        .map_err(ApiError::from)
+        .map_err(ApiError::from)?;
+    let assertion = match (&state.assertions, &active.record) {
+        (Some(assertions), Some(record)) => {
+            let global = state.service.signing_state().map_err(ApiError::from)?;
+            Some(assertions.header_for(
+                global.ring.asym(),
+                &active,
+                record.auth_time_ms,
+                crate::session::now_ms(),
+            ))
+        }
+        (Some(_), None) => {
+            return Err(ApiError::from(crate::session::ServiceError::Store(
+                crate::store::StoreError::Protocol("verify returned no record".into()),
+            )));
+        }
+        (None, _) => None,
+    };
+    Ok(Decision { active, assertion })
 }
 
 /// The route's password-age demand of an HTTP check: `?max_age=` and

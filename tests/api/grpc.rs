@@ -563,3 +563,25 @@ async fn python_grpcio_client_gets_the_decisions() {
     );
     assert!(stdout.contains("check.py: 3 checks passed"), "{stdout}");
 }
+
+/// The `x-session-assertion` a gRPC check sets for `token` (it must be OK).
+pub async fn assertion_of(app: &TestApp, token: &str) -> String {
+    let original = Original::get("/")
+        .bearer(token)
+        .header("x-session-assertion", "forged.by.client");
+    let res = check(app, &original).await;
+    let Some(HttpResponse::OkResponse(ok)) = &res.http_response else {
+        panic!("not OK: {res:?}");
+    };
+    assert!(
+        !ok.headers_to_remove
+            .iter()
+            .any(|h| h == "x-session-assertion"),
+        "sessiongate's own assertion would be removed"
+    );
+    headers_of(&ok.headers)
+        .into_iter()
+        .find(|(k, _)| k == "x-session-assertion")
+        .map(|(_, v)| v)
+        .expect("an x-session-assertion header")
+}

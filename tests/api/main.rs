@@ -7,6 +7,7 @@ mod sentinel;
 
 mod abuse;
 mod admin;
+mod assertion;
 mod chaos;
 mod cli;
 mod cluster;
