@@ -52,6 +52,7 @@ pub struct VerifyQuery {
                 ("X-Session-User" = String, description = "user id"),
                 ("X-Session-Id" = String, description = "session id"),
                 ("X-Session-Device" = String, description = "device id"),
+                ("X-Session-Assertion" = String, description = "with upstream_assertion on: a signed JWT (EdDSA, keys at /.well-known/jwks.json) of the identity for the upstream"),
             )),
         (status = 400, description = "Bad max_age", body = crate::error::ErrorBody),
         (status = 401, description = "invalid_token or insufficient_user_authentication", body = crate::error::ErrorBody),

@@ -1024,10 +1024,12 @@ async fn every_verify_answer_is_marked_no_store() {
     assert_error(res, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").await;
 }
 
-/// The check requests config/gateways/envoy.yaml makes: the original method,
-/// `/v1/verify` + the original path and query, the original Host, and only
-/// the allowed headers (authorization, cookie, origin, referer). sessiongate
-/// needs no trusted proxy for them.
+/// The check requests of Envoy's HTTP ext_authz form (`http_service` with
+/// `path_prefix: /v1/verify`, the README's alternative to the gRPC form that
+/// config/gateways/envoy.yaml uses; tests/api/grpc.rs tests that one): the
+/// original method, `/v1/verify` + the original path and query, the original
+/// Host, and only the allowed headers (authorization, cookie, origin,
+/// referer). sessiongate needs no trusted proxy for them.
 #[tokio::test]
 async fn envoy_check_requests_get_the_answers_the_example_relies_on() {
     let app = spawn_app_with(&[]).await;
@@ -1124,15 +1126,12 @@ fn envoy_example_keeps_its_safety_settings() {
     for needle in [
         "failure_mode_allow: false",
         "status_on_error: { code: ServiceUnavailable }",
-        "path_prefix: /v1/verify\n",
-        r#"path_prefix: "/v1/verify?max_age=300&path=""#,
-        "- exact: authorization",
-        "- exact: cookie",
-        "- exact: origin",
-        "- exact: x-session-user",
-        "- exact: x-session-id",
-        "- exact: x-session-device",
-        "- exact: www-authenticate",
+        "transport_api_version: V3",
+        "envoy_grpc: { cluster_name: sessiongate_grpc }",
+        // More than 2 x redis_timeout (250 ms): sessiongate's 503 comes first.
+        "timeout: 1s\n",
+        "http2_protocol_options: {}",
+        r#"context_extensions: { max_age: "300" }"#,
         "headers_with_underscores_action: REJECT_REQUEST",
         "normalize_path: true",
         "merge_slashes: true",

@@ -585,3 +585,67 @@ pub async fn assertion_of(app: &TestApp, token: &str) -> String {
         .map(|(_, v)| v)
         .expect("an x-session-assertion header")
 }
+
+/// The CheckRequests config/gateways/envoy.yaml makes: every header of the
+/// original request, its method, Host and scheme, and on `/account/` the
+/// route's `max_age` context extension (read from the file). A live session
+/// passes on ordinary routes, a password older than that `max_age` is
+/// refused on `/account/` only, the CSRF rule sees the original method and
+/// Host.
+#[tokio::test]
+async fn envoy_example_checks_get_the_answers_it_relies_on() {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/gateways/envoy.yaml"
+    ))
+    .unwrap();
+    let max_age = yaml
+        .split("context_extensions: { max_age: \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("envoy.yaml sets the /account/ route's max_age");
+    assert_eq!(max_age, "300");
+    let app = spawn_app_with(&[GRPC_ON]).await;
+    let fresh = app.create("leo", "laptop").await;
+    let old = app
+        .create_body(json!({"user_id": "leo", "device_id": "phone",
+            "auth_time": now_ms_wall() / 1000 - 600}))
+        .await;
+    let status = |res: CheckResponse| grpc_answer(&res).0;
+    for method in ["GET", "POST", "DELETE", "PATCH"] {
+        let o = Original::get("/api/orders/7?page=2&max_age_x=1")
+            .method(method)
+            .bearer(&old.token)
+            .header("user-agent", "curl/8")
+            .header("x-forwarded-proto", "https");
+        assert_eq!(status(check(&app, &o).await).status, 200, "{method}");
+    }
+    let account = |token: &str| {
+        Original::get("/account/email?tab=1")
+            .bearer(token)
+            .context("max_age", max_age)
+    };
+    let a = status(check(&app, &account(&old.token)).await);
+    assert_eq!(a.status, 401);
+    assert!(a.www_authenticate.unwrap().ends_with("max_age=300"));
+    assert_eq!(
+        status(check(&app, &account(&fresh.token)).await).status,
+        200
+    );
+    let cookie = format!("session={}", fresh.token);
+    let post = |origin: &str| {
+        Original::get("/api/orders")
+            .method("POST")
+            .header("cookie", &cookie)
+            .header("origin", origin)
+    };
+    assert_eq!(
+        status(check(&app, &post("https://evil.example")).await).status,
+        403
+    );
+    assert_eq!(
+        status(check(&app, &post("https://app.example")).await).status,
+        200
+    );
+    assert_eq!(status(check(&app, &Original::get("/")).await).status, 401);
+}
