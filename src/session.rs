@@ -305,6 +305,8 @@ impl SessionService {
             Reauth::Ignore => (-1, None),
         };
         let max_auth_age_ms = limit_s.map_or(-1, |s| (s as i64).saturating_mul(1000));
+        // A new cutoff or key ring flushes the near-cache (if on) at once.
+        self.store.observe_state(state.id());
         let live = self
             .store
             .verify(
@@ -314,6 +316,7 @@ impl SessionService {
                 touch_ms,
                 max_auth_age_ms,
                 full_record,
+                &state.clock,
             )
             .await?
             .ok_or(ServiceError::SessionGone)?;
@@ -396,6 +399,7 @@ impl SessionService {
         let record = self.store.global(GlobalOp::Cutoff { at_ms }).await?;
         let cutoff = record.cutoff_ms;
         self.global.apply(record, started)?;
+        self.flush_near_cache();
         self.metrics.revoked("logout_all", 0);
         self.purge_target.fetch_max(cutoff, Ordering::SeqCst);
         if !self.purge_running.swap(true, Ordering::SeqCst) {
@@ -459,7 +463,16 @@ impl SessionService {
             })
             .await?;
         self.global.apply(record, started)?;
+        self.flush_near_cache();
         Ok(kid)
+    }
+
+    /// After a logout-all or a rotation here: the near-cache (if on) holds
+    /// nothing read under the previous state.
+    fn flush_near_cache(&self) {
+        if let Ok(state) = self.global.snapshot() {
+            self.store.observe_state(state.id());
+        }
     }
 
     /// Signs `claims` with the active kid's Ed25519 key: a compact JWS that

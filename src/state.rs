@@ -20,7 +20,7 @@ use jsonwebtoken::Algorithm;
 use tokio::sync::Notify;
 
 use crate::config::Secret;
-use crate::store::{GlobalOp, GlobalRecord, Store, StoreError};
+use crate::store::{GlobalOp, GlobalRecord, RedisClock, Store, StoreError};
 use crate::token::{KeyRing, new_kid};
 
 /// One consistent copy of the global state.
@@ -30,6 +30,17 @@ pub struct GlobalState {
     ring_json: String,
     /// When the read that produced this copy was sent.
     pub fetched_at: Instant,
+    /// Redis's clock, read by the newest read (see [`RedisClock`]): what
+    /// verify judges a record's deadlines by. As fresh as the copy.
+    pub clock: RedisClock,
+}
+
+impl GlobalState {
+    /// Changes when the cutoff or the key ring does (the near-cache is
+    /// flushed then).
+    pub fn id(&self) -> u64 {
+        (self.cutoff_ms as u64) ^ (Arc::as_ptr(&self.ring) as u64).rotate_left(32)
+    }
 }
 
 pub struct Global {
@@ -98,6 +109,15 @@ impl Global {
     /// Installs a state read from Redis at `fetched_at`. A copy never moves
     /// backwards: the cutoff only rises.
     pub fn apply(&self, record: GlobalRecord, fetched_at: Instant) -> Result<(), StoreError> {
+        if record.now_ms <= 0 {
+            return Err(StoreError::Protocol(
+                "a global state read without Redis's time".into(),
+            ));
+        }
+        let clock = RedisClock {
+            redis_ms: record.now_ms,
+            sent: fetched_at,
+        };
         let previous = self.current.load_full();
         let parsed = match &previous {
             Some(p) if p.ring_json == record.ring_json => p.ring.clone(),
@@ -122,9 +142,9 @@ impl Global {
                 .as_ref()
                 .map_or(record.cutoff_ms, |c| c.cutoff_ms.max(record.cutoff_ms));
             let newer = current.as_ref().is_none_or(|c| fetched_at >= c.fetched_at);
-            let (ring, ring_json) = match current {
-                Some(c) if !newer => (c.ring.clone(), c.ring_json.clone()),
-                _ => (parsed.clone(), record.ring_json.clone()),
+            let (ring, ring_json, clock) = match current {
+                Some(c) if !newer => (c.ring.clone(), c.ring_json.clone(), c.clock),
+                _ => (parsed.clone(), record.ring_json.clone(), clock),
             };
             let fetched = current
                 .as_ref()
@@ -134,6 +154,7 @@ impl Global {
                 ring,
                 ring_json,
                 fetched_at: fetched,
+                clock,
             }))
         });
         Ok(())
@@ -143,10 +164,10 @@ impl Global {
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
         let started = Instant::now();
         let record = match store.read_global().await? {
-            (Some(cutoff_ms), Some(ring_json)) => GlobalRecord {
+            (Some(cutoff_ms), Some(ring_json), now_ms) => GlobalRecord {
                 cutoff_ms,
                 ring_json,
-                now_ms: 0,
+                now_ms,
             },
             _ => {
                 tracing::warn!(
@@ -155,7 +176,11 @@ impl Global {
                 store.global(GlobalOp::Init { kid: &new_kid() }).await?
             }
         };
-        self.apply(record, started)
+        self.apply(record, started)?;
+        if let Some(state) = self.current.load().as_ref() {
+            store.observe_state(state.id());
+        }
+        Ok(())
     }
 
     /// Re-reads the state for a request that began at `since` and met a
@@ -257,7 +282,7 @@ mod mutation_tests {
         GlobalRecord {
             cutoff_ms,
             ring_json: ring(active),
-            now_ms: 0,
+            now_ms: 1,
         }
     }
 
@@ -328,7 +353,7 @@ mod mutation_tests {
         let bad = GlobalRecord {
             cutoff_ms: 10_000,
             ring_json: r#"{"active":"k9","keys":[]}"#.into(),
-            now_ms: 0,
+            now_ms: 1,
         };
         assert!(matches!(
             g.apply(bad, Instant::now()),

@@ -315,6 +315,21 @@ impl ConnectionLayer {
     }
 
     /// Redis Cluster mode.
+    /// Where the request path connects, with a single Redis (the
+    /// near-cache's invalidation connection goes to the same one); `None`
+    /// with Sentinel or Cluster.
+    pub(super) fn single_connection_info(&self) -> Option<redis::ConnectionInfo> {
+        match &self.target {
+            Target::Single(client) => Some(client.get_connection_info().clone()),
+            _ => None,
+        }
+    }
+
+    /// The bound on every call.
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub(super) fn is_cluster(&self) -> bool {
         matches!(self.target, Target::Cluster(_))
     }

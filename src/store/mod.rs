@@ -1,18 +1,23 @@
-//! The Redis store: every session operation is one atomic Lua script on one
+//! The Redis store: every session write is one atomic Lua script on one
 //! user's hash (see [`keys`] for the schema and `lua/` for the scripts, each
-//! with a header naming its KEYS, ARGV and reply). How the store reaches
+//! with a header naming its KEYS, ARGV and reply). The hot path, verify, is
+//! no script: a plain `HGET` of the record judged in-process ([`record`]),
+//! and `lua/touch.lua` only when a write is due. How the store reaches
 //! Redis (per-thread connections, reconnects, the bulk-work pool, pub/sub,
 //! timeouts) is [`conn`]'s.
 //!
 //! Replies are matched to requests, not trusted by order: every script call
 //! carries a nonce (a per-process counter) as its last argument and every
-//! script echoes it first. A reply without the caller's nonce (stale,
+//! script echoes it first; verify's `HGET` is pipelined with `ECHO <nonce>`
+//! and the echo is checked last. A reply without the caller's nonce (stale,
 //! duplicated or crossed on the pipelined connection) fails the call with
 //! [`StoreError::Protocol`] (a 503), is counted in
 //! `sessiongate_redis_reply_mismatch_total`, and drops the connection.
 
 mod conn;
 pub mod keys;
+pub mod near_cache;
+pub mod record;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +31,8 @@ pub use conn::Topology;
 use crate::domain::{DeviceId, SessionId, UserId, UserTag};
 use crate::metrics::Metrics;
 pub use keys::KeySchema;
+pub use record::RedisClock;
+use record::{Checks, Verdict};
 
 macro_rules! script {
     ($file:literal) => {
@@ -210,7 +217,7 @@ pub struct GlobalRecord {
 }
 
 struct Scripts {
-    verify: Script,
+    touch: Script,
     create: Script,
     revoke: Script,
     reauth: Script,
@@ -238,6 +245,8 @@ pub struct Store {
     keys: KeySchema,
     scripts: Scripts,
     metrics: Arc<Metrics>,
+    /// The opt-in near-cache ([`near_cache`]); `None`: every verify reads Redis.
+    near: Option<Arc<near_cache::NearCache>>,
 }
 
 impl Store {
@@ -299,7 +308,7 @@ impl Store {
             durability_checked_ms: AtomicU64::new(0),
             keys,
             scripts: Scripts {
-                verify: script!("verify.lua"),
+                touch: script!("touch.lua"),
                 create: script!("create.lua"),
                 revoke: script!("revoke.lua"),
                 reauth: script!("reauth.lua"),
@@ -309,7 +318,50 @@ impl Store {
                 probe: Script::new(include_str!("lua/probe.lua")),
             },
             metrics,
+            near: None,
         })
+    }
+
+    /// Turns the near-cache on (`ttl` > 0; a single Redis only, not with
+    /// Sentinel or Cluster) and returns its invalidation task, to be spawned.
+    pub fn enable_near_cache(
+        &mut self,
+        ttl: Duration,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        if ttl.is_zero() {
+            return None;
+        }
+        let Some(info) = self.conn.single_connection_info() else {
+            tracing::warn!(
+                "near_cache_ttl is ignored with Redis Sentinel or Cluster: every verify reads Redis"
+            );
+            return None;
+        };
+        let cache = Arc::new(near_cache::NearCache::new(ttl, self.metrics.clone()));
+        self.near = Some(cache.clone());
+        Some(near_cache::run_invalidations(
+            cache,
+            info,
+            self.keys.prefix().to_string(),
+            self.conn.timeout(),
+        ))
+    }
+
+    /// Drops this instance's near-cache entries of a user hash it just
+    /// wrote (its own writes are seen at once, not when Redis's
+    /// invalidation comes back).
+    fn forget_locally(&self, key: &str) {
+        if let Some(near) = &self.near {
+            near.invalidate([key.as_bytes()]);
+        }
+    }
+
+    /// Flushes the near-cache when the global state it was filled under
+    /// changed (a logout-all, a key rotation).
+    pub fn observe_state(&self, state_id: u64) {
+        if let Some(near) = &self.near {
+            near.observe_state(state_id);
+        }
     }
 
     pub fn keys(&self) -> &KeySchema {
@@ -395,11 +447,23 @@ impl Store {
         Ok(it)
     }
 
-    /// The hot path: one EVALSHA confirming a session. `touch_ms` < 0 never
-    /// writes; `max_auth_age_ms` < 0 skips the password-age check (a session
-    /// failing it is reported, and not slid). The reply must echo this
-    /// call's nonce, else the connection is dropped and the call fails (a
-    /// reply is never trusted for another request).
+    /// The hot path: one round trip, `HGET` of the record pipelined with
+    /// `ECHO <nonce>`, the record judged in-process ([`record::judge`])
+    /// by `clock`. The echo must be this call's nonce, else the connection
+    /// is dropped and the call fails (a reply is never trusted for another
+    /// request; the echo comes last, so a reply shifted by a duplicate or
+    /// a stale one never passes for this call's read).
+    ///
+    /// Only when the judgement calls for a write does a second call follow
+    /// (`lua/touch.lua`, which checks again by Redis's clock and writes
+    /// only to a record it finds alive): the idle expiry is due to slide
+    /// (at most once per touch interval per session; awaited, so a verify
+    /// that answered has slid it, but bounded by what is left of the
+    /// timeout and best effort: the session was confirmed by the read), or
+    /// the record is dead (deleted, so expired records do not linger until
+    /// their hash expires). `touch_ms` < 0 never writes; `max_auth_age_ms`
+    /// < 0 skips the password-age check (a session failing it is reported,
+    /// and not slid).
     #[allow(clippy::too_many_arguments)]
     pub async fn verify(
         &self,
@@ -409,49 +473,155 @@ impl Store {
         touch_ms: i64,
         max_auth_age_ms: i64,
         full: bool,
+        clock: &RedisClock,
     ) -> Result<Option<LiveSession>, StoreError> {
-        let mut cmd = evalsha(&self.scripts.verify, &self.keys.user_of(session));
-        cmd.arg(session.field())
-            .arg(device.as_str())
-            .arg(live.idle_ms)
-            .arg(touch_ms)
-            .arg(live.cutoff_ms)
-            .arg(if full { "1" } else { "0" })
-            .arg(max_auth_age_ms);
-        let mut it = self.run_script(&self.scripts.verify, cmd).await?;
-        let status = match int(it.next())? {
-            0 => return Ok(None),
-            status @ (1 | 2) => status,
-            other => {
-                return Err(StoreError::Protocol(format!(
-                    "verify status {other} is not 0, 1 or 2"
-                )));
+        let started = std::time::Instant::now();
+        let key = self.keys.user_of(session);
+        let cached = self
+            .near
+            .as_ref()
+            .and_then(|n| n.get(&key, session.field()));
+        let from_redis = cached.is_none();
+        let ticket = self.near.as_ref().map(|n| n.ticket());
+        let read;
+        let blob: &[u8] = match &cached {
+            Some(blob) => blob,
+            None => {
+                read = match self.read_record(&key, session).await? {
+                    Some(blob) => blob,
+                    None => return Ok(None),
+                };
+                &read
+            }
+        };
+        let rec = record::decode(blob).map_err(StoreError::Protocol)?;
+        let checks = Checks {
+            now_ms: clock.upper_ms(),
+            idle_ms: live.idle_ms,
+            cutoff_ms: live.cutoff_ms,
+            device_id: device.as_str(),
+            max_auth_age_ms,
+            touch_ms,
+        };
+        let (reauth_needed, mut last_seen_ms) = match record::judge(&rec, &checks) {
+            Verdict::OtherDevice => return Ok(None),
+            Verdict::Dead => {
+                let _ = self.touch(&key, session, device, live, -1, started).await;
+                return Ok(None);
+            }
+            Verdict::Alive {
+                reauth_needed,
+                touch_due,
+            } => {
+                let mut seen = rec.last_seen_ms;
+                if let (Some(near), Some(ticket), true, false) =
+                    (&self.near, ticket, from_redis, touch_due)
+                {
+                    near.put(&key, session.field(), blob, ticket);
+                }
+                if touch_due {
+                    match self
+                        .touch(&key, session, device, live, touch_ms, started)
+                        .await
+                    {
+                        // Deleted meanwhile (a logout won the race): refused.
+                        Ok(None) => return Ok(None),
+                        Ok(Some(slid)) => seen = slid,
+                        Err(_) => {}
+                    }
+                }
+                (reauth_needed, seen)
             }
         };
         let record = if full {
+            let text = |b: &[u8]| {
+                String::from_utf8(b.to_vec())
+                    .map_err(|_| StoreError::Protocol("a stored string is not UTF-8".into()))
+            };
+            last_seen_ms = last_seen_ms.max(rec.last_seen_ms);
             Some(SessionRecord {
                 field: session.field().to_string(),
-                created_ms: int(it.next())?,
-                auth_time_ms: int(it.next())?,
-                last_seen_ms: int(it.next())?,
-                expires_ms: int(it.next())?,
-                device_id: device.as_str().to_string(),
-                metadata: text(it.next())?,
+                created_ms: rec.created_ms,
+                auth_time_ms: rec.auth_time_ms,
+                last_seen_ms,
+                expires_ms: rec.expires_ms,
+                device_id: text(rec.device_id)?,
+                metadata: text(rec.metadata)?,
             })
         } else {
             None
         };
         Ok(Some(LiveSession {
-            reauth_needed: status == 2,
+            reauth_needed,
             record,
         }))
     }
 
+    /// One round trip: `HGET` of the record, then `ECHO` of a fresh nonce.
+    async fn read_record(
+        &self,
+        key: &str,
+        session: &SessionId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET")
+            .arg(key)
+            .arg(session.field())
+            .cmd("ECHO")
+            .arg(nonce);
+        let pipe = &pipe;
+        let mut reply: Vec<Value> = self
+            .conn
+            .call(
+                |mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await },
+                |reply: &Vec<Value>| reply.len() == 2 && is_nonce(reply.get(1), nonce),
+            )
+            .await?;
+        match reply.swap_remove(0) {
+            Value::Nil => Ok(None),
+            Value::BulkString(blob) => Ok(Some(blob)),
+            other => Err(StoreError::Protocol(format!(
+                "a session record that is not a string: {other:?}"
+            ))),
+        }
+    }
+
+    /// `lua/touch.lua` for a verify that began at `started`, bounded by
+    /// what is left of its timeout: `Some(last_seen_ms)` when the record
+    /// is alive, `None` when it is gone (or was dead, and is now deleted).
+    async fn touch(
+        &self,
+        key: &str,
+        session: &SessionId,
+        device: &DeviceId,
+        live: Liveness,
+        touch_ms: i64,
+        started: std::time::Instant,
+    ) -> Result<Option<i64>, StoreError> {
+        let left = self.conn.timeout().saturating_sub(started.elapsed());
+        let mut cmd = evalsha(&self.scripts.touch, key);
+        cmd.arg(session.field())
+            .arg(device.as_str())
+            .arg(live.idle_ms)
+            .arg(touch_ms)
+            .arg(live.cutoff_ms);
+        let call = self.run_script(&self.scripts.touch, cmd);
+        let mut it = tokio::time::timeout(left, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(self.conn.timeout())))?;
+        match int(it.next())? {
+            0 => Ok(None),
+            1 => Ok(Some(int(it.next())?)),
+            other => Err(StoreError::Protocol(format!(
+                "touch status {other} is not 0 or 1"
+            ))),
+        }
+    }
+
     pub async fn create(&self, new: NewSession<'_>, live: Liveness) -> Result<Created, StoreError> {
-        let mut cmd = evalsha(
-            &self.scripts.create,
-            &self.keys.user(&new.session.user_tag()),
-        );
+        let key = self.keys.user(&new.session.user_tag());
+        let mut cmd = evalsha(&self.scripts.create, &key);
         cmd.arg(new.session.field())
             .arg(new.user.as_str())
             .arg(new.device.as_str())
@@ -461,7 +631,10 @@ impl Store {
             .arg(new.absolute_ms)
             .arg(new.max_per_user)
             .arg(live.cutoff_ms);
-        let mut it = self.run_acknowledged(&self.scripts.create, cmd).await?;
+        let result = self.run_acknowledged(&self.scripts.create, cmd).await;
+        // It may have replaced or evicted records this instance has cached.
+        self.forget_locally(&key);
+        let mut it = result?;
         Ok(Created {
             created_ms: int(it.next())?,
             expires_ms: int(it.next())?,
@@ -488,7 +661,11 @@ impl Store {
         live: Liveness,
     ) -> Result<u64, StoreError> {
         let cmd = self.revoke_cmd(key, which, live);
-        let mut it = self.run_acknowledged(&self.scripts.revoke, cmd).await?;
+        let result = self.run_acknowledged(&self.scripts.revoke, cmd).await;
+        // Refused here at once, whether or not the reply came back; other
+        // instances hear of it by invalidation (or within the bound).
+        self.forget_locally(key);
+        let mut it = result?;
         Ok(int(it.next())?.max(0) as u64)
     }
 
@@ -510,11 +687,14 @@ impl Store {
         session: &SessionId,
         live: Liveness,
     ) -> Result<Option<i64>, StoreError> {
-        let mut cmd = evalsha(&self.scripts.reauth, &self.keys.user(&session.user_tag()));
+        let key = self.keys.user(&session.user_tag());
+        let mut cmd = evalsha(&self.scripts.reauth, &key);
         cmd.arg(session.field())
             .arg(live.idle_ms)
             .arg(live.cutoff_ms);
-        let mut it = self.run_acknowledged(&self.scripts.reauth, cmd).await?;
+        let result = self.run_acknowledged(&self.scripts.reauth, cmd).await;
+        self.forget_locally(&key);
+        let mut it = result?;
         Ok(match int(it.next())? {
             1 => Some(int(it.next())?),
             _ => None,
@@ -577,8 +757,9 @@ impl Store {
         })
     }
 
-    /// Reads the global state without changing it: `(cutoff, ring)`.
-    pub async fn read_global(&self) -> Result<(Option<i64>, Option<String>), StoreError> {
+    /// Reads the global state without changing it, and Redis's clock:
+    /// `(cutoff, ring, now_ms)`.
+    pub async fn read_global(&self) -> Result<(Option<i64>, Option<String>, i64), StoreError> {
         let cmd = evalsha(&self.scripts.read, self.keys.global());
         let mut it = self.run_script(&self.scripts.read, cmd).await?;
         let cutoff = match it.next() {
@@ -592,7 +773,7 @@ impl Store {
             Some(Value::Nil) | None => None,
             v => Some(text(v)?),
         };
-        Ok((cutoff, ring))
+        Ok((cutoff, ring, int(it.next())?))
     }
 
     /// The readiness probe: a script issuing a write command that changes

@@ -21,6 +21,7 @@ mod health;
 mod input;
 mod jwks;
 mod multi_instance;
+mod near_cache;
 mod policy;
 mod sessions;
 mod staleness;

@@ -1,6 +1,6 @@
 //! Fail closed on a stale global state: only the refresher is broken (its
 //! read, `HMGET` of the global hash, is denied by an ACL rule; the session
-//! scripts read with `HGET` inside `EVALSHA` and keep working).
+//! reads are plain `HGET`s and the session scripts keep working).
 
 use std::time::Duration;
 

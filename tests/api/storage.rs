@@ -82,8 +82,9 @@ async fn a_users_sessions_share_one_small_listpack_hash() {
 }
 
 /// Every command Redis sees during 20 verifies, refresher paused, nothing
-/// excluded: one EVALSHA each and, inside it, one HGET and one TIME; no
-/// write (HSET, PEXPIREAT) within the touch interval; plus the test's INFO.
+/// excluded: one HGET and one ECHO each (one pipelined round trip, no
+/// script, no TIME); no write (HSET, PEXPIREAT) within the touch interval;
+/// plus the test's INFO.
 #[tokio::test]
 async fn verify_is_one_round_trip_and_does_not_write_within_the_touch_interval() {
     let app = crate::tokens::spawn_app_with_refresher_paused().await;
@@ -97,7 +98,7 @@ async fn verify_is_one_round_trip_and_does_not_write_within_the_touch_interval()
     })
     .await;
     let expected: std::collections::HashMap<String, u64> =
-        [("evalsha", 20), ("hget", 20), ("time", 20), ("info", 1)]
+        [("hget", 20), ("echo", 20), ("info", 1)]
             .into_iter()
             .map(|(name, n)| (name.to_string(), n))
             .collect();
@@ -311,4 +312,83 @@ async fn the_logout_all_purge_runs_over_the_pool_not_the_request_path_connection
         "the purge ran on a request-path connection: purge {purge_clients:?}, \
          SCAN {scan_clients:?}, verifies and creates {request_clients:?}"
     );
+}
+
+/// Verify reads with a plain `HGET` and judges in-process; a record it
+/// finds dead (here: revoked by a logout-all whose purge has not run) is
+/// deleted on the way by touch.lua, as verify.lua used to, and the hash
+/// goes with its last session.
+#[tokio::test]
+async fn a_verify_that_finds_a_dead_record_deletes_it() {
+    let app = spawn_app_with(&[("LOGOUT_ALL_PURGE_DELAY", "1h")]).await;
+    let laptop = app.create("hal", "laptop").await;
+    let phone = app.create("hal", "phone").await;
+    let key = all_keys(&app)
+        .into_iter()
+        .find(|k| k.starts_with("sg:u{"))
+        .unwrap();
+    assert_eq!(app.logout_all().await.status(), StatusCode::OK);
+    assert_eq!(int_reply(&app.redis_cmd(&["HLEN", &key])), 3);
+    assert_eq!(
+        app.verify_status(&laptop.token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        int_reply(&app.redis_cmd(&["HLEN", &key])),
+        2,
+        "the dead record verify found is still there"
+    );
+    assert_eq!(
+        app.verify_status(&phone.token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(app.redis_cmd(&["EXISTS", &key]), ":0\r\n");
+}
+
+/// touch.lua, run directly (verify sends it only when a touch is due or
+/// the record is dead): it writes nothing where there is no record (a
+/// logout that won the race stays a logout), slides a live one, keeping
+/// elements a later schema appends, and deletes a dead one.
+#[tokio::test]
+async fn the_touch_script_never_recreates_a_record_and_keeps_later_elements() {
+    let app = spawn_app().await;
+    let touch = concat!(
+        include_str!("../../src/store/lua/prelude.lua"),
+        include_str!("../../src/store/lua/touch.lua")
+    );
+    let key = "sg:u{touch-test}";
+    let run = |field: &str, touch_ms: &str| {
+        app.redis_cmd(&[
+            "EVAL", touch, "1", key, field, "laptop", "60000", touch_ms, "0", "n1",
+        ])
+    };
+    // No hash at all, then a hash without the field.
+    assert_eq!(run("f1", "0"), "*2\r\n$2\r\nn1\r\n:0\r\n");
+    assert_eq!(app.redis_cmd(&["EXISTS", key]), ":0\r\n");
+    let seed = "local t = redis.call('TIME') \
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) \
+        redis.call('HSET', KEYS[1], '!u', 'u', ARGV[1], cmsgpack.pack({now - 5000, now - 5000, now - 5000, now + tonumber(ARGV[2]), 'laptop', '', 42})) \
+        return now";
+    app.redis_cmd(&["EVAL", seed, "1", key, "f2", "3600000"]);
+    assert_eq!(run("f1", "0"), "*2\r\n$2\r\nn1\r\n:0\r\n");
+    assert_eq!(int_reply(&app.redis_cmd(&["HLEN", key])), 2);
+    // Alive, touch due: slid to now, the seventh element kept.
+    let before = app.redis_cmd(&["HGET", key, "f2"]);
+    let reply = run("f2", "1000");
+    assert!(reply.starts_with("*3\r\n$2\r\nn1\r\n:1\r\n:"), "{reply}");
+    assert_ne!(app.redis_cmd(&["HGET", key, "f2"]), before, "not slid");
+    let read = "local r = cmsgpack.unpack(redis.call('HGET', KEYS[1], ARGV[1])) return {#r, r[7]}";
+    assert_eq!(
+        app.redis_cmd(&["EVAL", read, "1", key, "f2"]),
+        "*2\r\n:7\r\n:42\r\n"
+    );
+    // Not due (just slid): nothing written.
+    let slid = app.redis_cmd(&["HGET", key, "f2"]);
+    assert!(run("f2", "60000").starts_with("*3\r\n$2\r\nn1\r\n:1\r\n:"));
+    assert_eq!(app.redis_cmd(&["HGET", key, "f2"]), slid);
+    // Dead (past its lifetime): deleted, and the hash with it.
+    app.redis_cmd(&["EVAL", seed, "1", key, "f3", "-1"]);
+    app.redis_cmd(&["HDEL", key, "f2"]);
+    assert_eq!(run("f3", "-1"), "*2\r\n$2\r\nn1\r\n:0\r\n");
+    assert_eq!(app.redis_cmd(&["EXISTS", key]), ":0\r\n");
 }
