@@ -99,6 +99,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: String,
+    /// The Envoy gRPC `ext_authz` listener (`grpc_listen`); `None`: off.
+    pub grpc_listen: Option<std::net::SocketAddr>,
     pub workers: usize,
     pub body_limit: usize,
     pub max_header_bytes: usize,
@@ -138,6 +140,10 @@ pub struct Settings {
     /// The near-cache's bound (0: off, the default).
     pub near_cache_ttl: Duration,
     pub console_session_ttl: Duration,
+    /// `X-Session-Assertion` on every successful verify (`upstream_assertion`).
+    pub upstream_assertion: bool,
+    pub upstream_assertion_audience: String,
+    pub upstream_assertion_lifetime: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -481,6 +487,20 @@ impl Layers {
         )?;
         let settings = Settings {
             listen: self.string("listen")?,
+            grpc_listen: {
+                let text = self.string("grpc_listen")?;
+                let text = text.trim();
+                if text.is_empty() {
+                    None
+                } else {
+                    Some(text.parse().map_err(|_| {
+                        self.err(
+                            "grpc_listen",
+                            format!("{text:?} is not an address:port such as 127.0.0.1:9191 (empty: off)"),
+                        )
+                    })?)
+                }
+            },
             workers: self.integer("workers", 0, 1024)? as usize,
             body_limit: self.integer("body_limit", 1024, 1 << 24)? as usize,
             max_header_bytes: self.integer("max_header_bytes", 1024, 1 << 20)? as usize,
@@ -583,9 +603,26 @@ impl Layers {
                 }
                 ttl
             },
+            upstream_assertion: self.boolean("upstream_assertion")?,
+            upstream_assertion_audience: self.string("upstream_assertion_audience")?,
+            upstream_assertion_lifetime: {
+                let d = positive("upstream_assertion_lifetime")?;
+                if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&d) {
+                    return Err(
+                        self.err("upstream_assertion_lifetime", "must be between 10s and 1h")
+                    );
+                }
+                d
+            },
             log_level: self.string("log_level")?,
             log_format,
         };
+        if settings.upstream_assertion && settings.upstream_assertion_audience.trim().is_empty() {
+            return Err(self.err(
+                "upstream_assertion_audience",
+                "is required when upstream_assertion is on: the `aud` your upstreams check",
+            ));
+        }
         if settings.state_max_staleness < settings.state_refresh_interval * 2 {
             return Err(self.err(
                 "state_max_staleness",

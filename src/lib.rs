@@ -15,18 +15,22 @@
 //! - [`error`]: `ApiError`, the single error type at the HTTP edge.
 //! - [`domain`]: ids and metadata, parsed and validated once.
 //! - [`token`]: JWT signing/verification and the key ring.
+//! - [`assertion`]: `X-Session-Assertion`, the signed identity for upstreams.
 //! - [`jwks`]: the Ed25519 key of each kid: signatures others verify, the JWK Set.
 //! - [`state`]: the cached global state (key ring, logout-all cutoff).
 //! - [`session`]: `SessionService`, every use case.
 //! - [`store`]: Redis: key schema, Lua scripts, connections.
 //! - [`http`]: routes, extractors, handlers, the OpenAPI document.
+//! - [`grpc`]: Envoy's gRPC `ext_authz` check, the same decision as `/v1/verify`.
 //! - [`console`]: the admin console pages under `/admin/`.
 //! - [`timefmt`]: UTC times for people (console, `sessiongate admin`).
 
+pub mod assertion;
 pub mod config;
 pub mod console;
 pub mod domain;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod jwks;
 pub mod metrics;

@@ -518,6 +518,12 @@ impl SessionService {
         Ok(self.global.snapshot()?.ring.asym().sign_jwt(claims))
     }
 
+    /// The current global state (its ring signs with `ring.asym()`), if
+    /// fresh enough to act on.
+    pub fn signing_state(&self) -> Result<Arc<GlobalState>, ServiceError> {
+        Ok(self.global.snapshot()?)
+    }
+
     /// The public keys of the kids not retired, from the last ring read
     /// (however old: a public key list is never made unsafe by age); `None`
     /// before the first read.

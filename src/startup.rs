@@ -41,6 +41,8 @@ pub struct Application {
     server: Server,
     background: Vec<JoinHandle<()>>,
     service: Arc<SessionService>,
+    /// Envoy's gRPC `ext_authz`, when `grpc_listen` is set.
+    grpc: Option<crate::grpc::GrpcServer>,
 }
 
 impl Application {
@@ -112,7 +114,26 @@ impl Application {
                 settings.api_key_failure_window,
             ),
             console: crate::console::Console::new(&settings),
+            assertions: crate::assertion::Assertions::from_settings(&settings),
         });
+        let grpc = match settings.grpc_listen {
+            None => None,
+            Some(addr) => {
+                let listener = TcpListener::bind(addr).map_err(|source| StartupError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+                let threads = match settings.workers {
+                    0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    n => n,
+                };
+                Some(crate::grpc::GrpcServer::start(
+                    listener,
+                    state.clone(),
+                    threads,
+                )?)
+            }
+        };
         let body_limit = settings.body_limit;
         let max_header_bytes = settings.max_header_bytes;
         let ids = Arc::new(RequestIds::new());
@@ -162,7 +183,13 @@ impl Application {
             server,
             background,
             service,
+            grpc,
         })
+    }
+
+    /// Where the gRPC `ext_authz` listener is bound, when it is on.
+    pub fn grpc_addr(&self) -> Option<std::net::SocketAddr> {
+        self.grpc.as_ref().map(|g| g.local_addr())
     }
 
     pub fn port(&self) -> u16 {
@@ -177,6 +204,7 @@ impl Application {
     /// background tasks.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
+        drop(self.grpc);
         for task in self.background {
             task.abort();
         }

@@ -327,13 +327,13 @@ impl<V: Clone> TwoGenerations<V> {
 /// [`TwoGenerations`] behind its lock. The lock is held only to move maps
 /// around; a retired generation is dropped after the lock is released, so
 /// freeing thousands of entries never stalls other verifies.
-struct GenerationCache<V> {
+pub(crate) struct GenerationCache<V> {
     inner: Mutex<TwoGenerations<V>>,
     capacity: usize,
 }
 
 impl<V: Clone> GenerationCache<V> {
-    fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         GenerationCache {
             inner: Mutex::new(TwoGenerations::new()),
             capacity,
@@ -346,14 +346,14 @@ impl<V: Clone> GenerationCache<V> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn get(&self, token: &str) -> Option<V> {
+    pub(crate) fn get(&self, token: &str) -> Option<V> {
         // The guard is a temporary: released at the end of this statement.
         let (hit, retired) = self.lock().get(token, self.capacity);
         drop(retired);
         hit
     }
 
-    fn insert(&self, token: Box<str>, value: V) {
+    pub(crate) fn insert(&self, token: Box<str>, value: V) {
         let retired = self.lock().insert(token, value, self.capacity);
         drop(retired);
     }

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
 use super::AppState;
+use super::origin::{OriginPolicy, Original};
 use crate::config::Secret;
 use crate::error::ApiError;
 
@@ -88,11 +89,15 @@ pub fn bearer(req: &HttpRequest) -> Result<Option<&[u8]>, Duplicate> {
     if values.next().is_some() {
         return Err(Duplicate);
     }
-    let value = value.as_bytes();
+    Ok(bearer_credentials(value.as_bytes()))
+}
+
+/// The credentials of one `Authorization` value, if its scheme is Bearer.
+pub fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
     if value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer ") {
-        Ok(Some(value[7..].trim_ascii()))
+        Some(value[7..].trim_ascii())
     } else {
-        Ok(None)
+        None
     }
 }
 
@@ -266,38 +271,101 @@ impl FromRequest for KeyHolder {
 /// Only its presence is checked here; `SessionService` checks the rest.
 pub struct BearerToken(pub String);
 
+/// Where a user's token and the original request's description come from:
+/// an HTTP request to sessiongate, or Envoy's gRPC `CheckRequest`
+/// (`crate::grpc`). [`BearerToken::from_source`] applies the one rule to
+/// either.
+pub trait TokenSource {
+    /// The credentials of `Authorization: Bearer`, if any; more than one
+    /// `Authorization` header is `Err(Duplicate)`.
+    fn bearer(&self) -> Result<Option<&[u8]>, Duplicate>;
+    /// The value of the one cookie named `name` (two are `Err(Duplicate)`).
+    fn cookie(&self, name: &str) -> Result<Option<String>, Duplicate>;
+    /// The original request as the CSRF rule sees it (asked only for a
+    /// cookie-carried token while `csrf_protection` is on).
+    fn original(&self, policy: &OriginPolicy) -> Result<Original<'_>, ApiError>;
+}
+
+impl TokenSource for HttpRequest {
+    fn bearer(&self) -> Result<Option<&[u8]>, Duplicate> {
+        bearer(self)
+    }
+
+    fn cookie(&self, name: &str) -> Result<Option<String>, Duplicate> {
+        cookie_in(
+            self.headers()
+                .get_all(header::COOKIE)
+                .map(|value| value.as_bytes()),
+            name,
+        )
+    }
+
+    fn original(&self, policy: &OriginPolicy) -> Result<Original<'_>, ApiError> {
+        policy.original_of(self)
+    }
+}
+
 impl BearerToken {
     pub fn from_request_parts(req: &HttpRequest) -> Result<BearerToken, ApiError> {
-        if let Some(raw) = bearer(req).map_err(|Duplicate| ApiError::InvalidToken)? {
+        let state = state(req);
+        Self::from_source(req, &state.cookie_name, &state.origin)
+    }
+
+    /// The rule, whatever the transport: the `Authorization` header wins;
+    /// else the cookie, and then the CSRF rule on the original request.
+    pub fn from_source(
+        source: &(impl TokenSource + ?Sized),
+        cookie_name: &str,
+        origin: &OriginPolicy,
+    ) -> Result<BearerToken, ApiError> {
+        if let Some(raw) = source
+            .bearer()
+            .map_err(|Duplicate| ApiError::InvalidToken)?
+        {
             return std::str::from_utf8(raw)
                 .ok()
                 .filter(|t| !t.is_empty())
                 .map(|t| BearerToken(t.to_string()))
                 .ok_or(ApiError::InvalidToken);
         }
-        let state = state(req);
-        let token = the_cookie(req, &state.cookie_name)
+        let token = source
+            .cookie(cookie_name)
             .map_err(|Duplicate| ApiError::InvalidToken)?
             .filter(|t| !t.is_empty())
             .ok_or(ApiError::InvalidToken)?;
-        state.origin.check_cookie_request(req)?;
+        if origin.csrf_protection {
+            origin.check_original(&source.original(origin)?)?;
+        }
         Ok(BearerToken(token))
     }
 }
 
-/// The value of the one cookie named `name`, over every `Cookie` header;
-/// two of that name are `Err(Duplicate)`. Unparsable cookie headers count
-/// as no cookie (as `HttpRequest::cookie` does).
-fn the_cookie(req: &HttpRequest, name: &str) -> Result<Option<String>, Duplicate> {
-    let Ok(cookies) = req.cookies() else {
-        return Ok(None);
-    };
-    let mut named = cookies.iter().filter(|c| c.name() == name);
-    let first = named.next().map(|c| c.value().to_string());
-    if named.next().is_some() {
-        return Err(Duplicate);
+/// The value of the one cookie named `name`, over every `Cookie` header
+/// value; two of that name are `Err(Duplicate)`. A header that is not UTF-8
+/// makes it no cookie at all, and a pair that does not parse is skipped (as
+/// `HttpRequest::cookies` does).
+pub fn cookie_in<'a>(
+    values: impl IntoIterator<Item = &'a [u8]>,
+    name: &str,
+) -> Result<Option<String>, Duplicate> {
+    let mut found = None;
+    for value in values {
+        let Ok(text) = std::str::from_utf8(value) else {
+            return Ok(None);
+        };
+        for pair in text.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            let Ok(cookie) = actix_web::cookie::Cookie::parse_encoded(pair) else {
+                continue;
+            };
+            if cookie.name() == name {
+                if found.is_some() {
+                    return Err(Duplicate);
+                }
+                found = Some(cookie.value().to_string());
+            }
+        }
     }
-    Ok(first)
+    Ok(found)
 }
 
 impl FromRequest for BearerToken {
@@ -571,6 +639,7 @@ mod extractor_tests {
             },
             key_failures: KeyFailures::new(3, Duration::from_secs(60)),
             console: crate::console::Console::new(&settings),
+            assertions: None,
         })
     }
 

@@ -32,6 +32,8 @@ pub struct AppState {
     pub origin: origin::OriginPolicy,
     pub key_failures: extract::KeyFailures,
     pub console: crate::console::Console,
+    /// `X-Session-Assertion` on successful verifies, when on.
+    pub assertions: Option<crate::assertion::Assertions>,
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.

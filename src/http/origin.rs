@@ -57,10 +57,15 @@ impl OriginPolicy {
         if !self.csrf_protection {
             return Ok(());
         }
+        self.check_original(&self.original_of(req)?)
+    }
+
+    /// The original request behind an HTTP check. A gateway that describes
+    /// the original method (Caddy's forward_auth always checks with GET) but
+    /// is not trusted: the real method is unknown, so this refuses rather
+    /// than judge the check's GET.
+    pub fn original_of<'a>(&self, req: &'a HttpRequest) -> Result<Original<'a>, ApiError> {
         let trusted = self.trusted(req);
-        // A gateway that describes the original method (Caddy's forward_auth
-        // always checks with GET) but is not trusted: the real method is
-        // unknown, so refuse rather than judge the check's GET.
         if !trusted
             && ["x-forwarded-method", "x-original-method"]
                 .iter()
@@ -75,44 +80,64 @@ impl OriginPolicy {
             }
             return Err(ApiError::CrossSite);
         }
-        let method = self.method(req);
-        if ["GET", "HEAD", "OPTIONS", "TRACE"]
-            .iter()
-            .any(|safe| method.eq_ignore_ascii_case(safe))
-        {
-            return Ok(());
-        }
+        let header = |name: header::HeaderName| req.headers().get(name)?.to_str().ok();
         let forwarded = |name: &str| {
             trusted
                 .then(|| req.headers().get(name)?.to_str().ok())
                 .flatten()
         };
-        let origin = req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
+        Ok(Original {
+            method: self.method(req),
+            origin: header(header::ORIGIN),
+            referer: header(header::REFERER),
+            host: forwarded("x-forwarded-host").or_else(|| header(header::HOST)),
+            proto: forwarded("x-forwarded-proto"),
+        })
+    }
+
+    /// The CSRF rule: an unsafe method needs an `Origin` (else `Referer`)
+    /// that is one of `allowed_origins` or the original request's own.
+    pub fn check_original(&self, original: &Original<'_>) -> Result<(), ApiError> {
+        if ["GET", "HEAD", "OPTIONS", "TRACE"]
+            .iter()
+            .any(|safe| original.method.eq_ignore_ascii_case(safe))
+        {
+            return Ok(());
+        }
+        let origin = original
+            .origin
             .map(str::to_string)
-            .or_else(|| {
-                let referer = req.headers().get(header::REFERER)?.to_str().ok()?;
-                origin_of_url(referer)
-            })
+            .or_else(|| origin_of_url(original.referer?))
             .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
             .ok_or(ApiError::CrossSite)?;
         if self.allowed_origins.contains(&origin) {
             return Ok(());
         }
         let (scheme, authority) = origin.split_once("://").ok_or(ApiError::CrossSite)?;
-        let host = forwarded("x-forwarded-host")
-            .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
-            .ok_or(ApiError::CrossSite)?;
-        let scheme_ok =
-            forwarded("x-forwarded-proto").is_none_or(|p| p.eq_ignore_ascii_case(scheme));
+        let host = original.host.ok_or(ApiError::CrossSite)?;
+        let scheme_ok = original
+            .proto
+            .is_none_or(|p| p.eq_ignore_ascii_case(scheme));
         if scheme_ok && authority.eq_ignore_ascii_case(host) {
             Ok(())
         } else {
             Err(ApiError::CrossSite)
         }
     }
+}
+
+/// The original request, as far as the CSRF rule needs it: from the HTTP
+/// check request (and a trusted gateway's `X-Forwarded-*`), or from Envoy's
+/// gRPC `CheckRequest`, which carries the original method, host and headers.
+#[derive(Debug, Clone, Copy)]
+pub struct Original<'a> {
+    pub method: &'a str,
+    pub origin: Option<&'a str>,
+    pub referer: Option<&'a str>,
+    /// `host[:port]` the request was sent to.
+    pub host: Option<&'a str>,
+    /// The scheme it was sent with, when known.
+    pub proto: Option<&'a str>,
 }
 
 /// `scheme://host[:port]` of an absolute URL.

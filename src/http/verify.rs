@@ -8,14 +8,16 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::AppState;
-use super::extract::BearerToken;
+use super::extract::{BearerToken, TokenSource};
 use crate::error::ApiError;
 use crate::metrics::VerifyOutcome;
-use crate::session::Reauth;
+use crate::session::{ActiveSession, Reauth};
 
 pub const X_SESSION_USER: HeaderName = HeaderName::from_static("x-session-user");
 pub const X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
 pub const X_SESSION_DEVICE: HeaderName = HeaderName::from_static("x-session-device");
+/// The signed identity (`upstream_assertion`), see `crate::assertion`.
+pub const X_SESSION_ASSERTION: HeaderName = HeaderName::from_static("x-session-assertion");
 /// A route's password-age demand sent as a header (tighten-only), for
 /// gateways that cannot add a query parameter (Envoy `ext_authz`).
 pub const MAX_AGE_HEADER: HeaderName = HeaderName::from_static("x-sessiongate-max-age");
@@ -50,6 +52,7 @@ pub struct VerifyQuery {
                 ("X-Session-User" = String, description = "user id"),
                 ("X-Session-Id" = String, description = "session id"),
                 ("X-Session-Device" = String, description = "device id"),
+                ("X-Session-Assertion" = String, description = "with upstream_assertion on: a signed JWT (EdDSA, keys at /.well-known/jwks.json) of the identity for the upstream"),
             )),
         (status = 400, description = "Bad max_age", body = crate::error::ErrorBody),
         (status = 401, description = "invalid_token or insufficient_user_authentication", body = crate::error::ErrorBody),
@@ -80,8 +83,36 @@ async fn checked(
     use_query: bool,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let result = verify_inner(req, state, use_query).await;
-    let outcome = match &result {
+    let result = match http_max_age(req, use_query) {
+        Ok(max_age) => decide(state, req, max_age).await,
+        Err(e) => Err(e),
+    };
+    record(state, started, &result);
+    let decision = result?;
+    let [user, session, device] = decision.active.token.identity_headers.clone();
+    let mut answer = HttpResponse::Ok();
+    answer
+        .insert_header((X_SESSION_USER, user))
+        .insert_header((X_SESSION_ID, session))
+        .insert_header((X_SESSION_DEVICE, device))
+        .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")));
+    if let Some(assertion) = decision.assertion {
+        answer.insert_header((X_SESSION_ASSERTION, assertion));
+    }
+    Ok(answer.finish())
+}
+
+/// A session confirmed alive, and what the gateway passes on.
+pub struct Decision {
+    pub active: ActiveSession,
+    /// `X-Session-Assertion`, when `upstream_assertion` is on.
+    pub assertion: Option<HeaderValue>,
+}
+
+/// Counts a check's outcome and duration (`sessiongate_verify_*`), for
+/// either form.
+pub fn record<T>(state: &AppState, started: Instant, result: &Result<T, ApiError>) {
+    let outcome = match result {
         Ok(_) => VerifyOutcome::Ok,
         Err(ApiError::InvalidToken) => VerifyOutcome::InvalidToken,
         Err(ApiError::InsufficientAuth { .. }) => VerifyOutcome::InsufficientAuth,
@@ -92,53 +123,91 @@ async fn checked(
     state
         .metrics
         .verify(outcome, started.elapsed().as_secs_f64());
-    result
 }
 
-async fn verify_inner(
-    req: &HttpRequest,
+/// The gateway check's decision, the same for `/v1/verify` and for Envoy's
+/// gRPC `Check` (`crate::grpc`): the token from `source` (header, else the
+/// cookie under the CSRF rule), then one Redis round trip, with `reauth_after`
+/// tightened by the route's `max_age`.
+pub async fn decide(
     state: &AppState,
-    use_query: bool,
-) -> Result<HttpResponse, ApiError> {
+    source: &(impl TokenSource + ?Sized),
+    max_age: Option<u64>,
+) -> Result<Decision, ApiError> {
+    let BearerToken(token) = BearerToken::from_source(source, &state.cookie_name, &state.origin)?;
+    // The assertion needs the session's auth_time: the record comes back
+    // in the same round trip.
+    let active = state
+        .service
+        .verify(
+            &token,
+            Reauth::Enforce { max_age },
+            state.assertions.is_some(),
+        )
+        .await
+        .map_err(ApiError::from)?;
+    let assertion = match (&state.assertions, &active.record) {
+        (Some(assertions), Some(record)) => {
+            let global = state.service.signing_state().map_err(ApiError::from)?;
+            Some(assertions.header_for(
+                global.ring.asym(),
+                &active,
+                record.auth_time_ms,
+                crate::session::now_ms(),
+            ))
+        }
+        (Some(_), None) => {
+            return Err(ApiError::from(crate::session::ServiceError::Store(
+                crate::store::StoreError::Protocol("verify returned no record".into()),
+            )));
+        }
+        (None, _) => None,
+    };
+    Ok(Decision { active, assertion })
+}
+
+/// The route's password-age demand of an HTTP check: `?max_age=` and
+/// `X-Sessiongate-Max-Age`, the smaller winning.
+fn http_max_age(req: &HttpRequest, use_query: bool) -> Result<Option<u64>, ApiError> {
     let from_query = if use_query {
         max_age(req.query_string())?
     } else {
-        // The tail form's query is the original request's: a max_age there
-        // still tightens (the contract allows it on both forms), but an
-        // unparseable one is the app's business and is ignored, not a 400.
-        max_age(req.query_string()).ok().flatten()
+        tail_max_age(req.query_string())
     };
-    let from_header = match req.headers().get(MAX_AGE_HEADER) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::InvalidRequest(
-                        "X-Sessiongate-Max-Age must be a whole number of seconds".into(),
-                    )
-                })?,
-        ),
-    };
-    // Each can only tighten the policy: the smallest wins.
-    let max_age = match (from_query, from_header) {
+    let from_header = req
+        .headers()
+        .get(MAX_AGE_HEADER)
+        .map(|v| max_age_header(v.as_bytes()))
+        .transpose()?;
+    Ok(tightest(from_query, from_header))
+}
+
+/// `max_age` in the query of the original request (the `{tail}` form, and
+/// Envoy's gRPC check): it still tightens (the contract allows it on both
+/// forms), but an unparseable one is the app's business and is ignored,
+/// not a 400.
+pub fn tail_max_age(query: &str) -> Option<u64> {
+    max_age(query).ok().flatten()
+}
+
+/// An `X-Sessiongate-Max-Age` value: whole seconds, else a 400.
+pub fn max_age_header(value: &[u8]) -> Result<u64, ApiError> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(
+                "X-Sessiongate-Max-Age must be a whole number of seconds".into(),
+            )
+        })
+}
+
+/// Each demand can only tighten the policy: the smallest wins.
+pub fn tightest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    };
-    let BearerToken(token) = BearerToken::from_request_parts(req)?;
-    let active = state
-        .service
-        .verify(&token, Reauth::Enforce { max_age }, false)
-        .await
-        .map_err(ApiError::from)?;
-    let [user, session, device] = active.token.identity_headers.clone();
-    Ok(HttpResponse::Ok()
-        .insert_header((X_SESSION_USER, user))
-        .insert_header((X_SESSION_ID, session))
-        .insert_header((X_SESSION_DEVICE, device))
-        .insert_header((CACHE_CONTROL, HeaderValue::from_static("no-store")))
-        .finish())
+    }
 }
 
 /// The same check, for gateways that append the original path (Envoy

@@ -41,6 +41,7 @@ macro_rules! on_every_gateway {
 on_every_gateway!(
     a_valid_token_reaches_the_app_with_sessiongates_identity,
     spoofed_identity_headers_never_reach_the_app,
+    the_signed_assertion_reaches_the_app_and_a_clients_own_never_does,
     missing_malformed_and_revoked_tokens_get_401_and_never_reach_the_app,
     an_expired_token_gets_401,
     a_stale_password_gets_401_insufficient_user_authentication,
@@ -212,6 +213,7 @@ async fn spoofed_identity_headers_never_reach_the_app(kind: Kind) {
             .header("X-Session-Device", "forged-device-2")
             .header("X_SESSION_ID", "forged-session-2")
             .header("X-Session-Roles", "admin")
+            .header("X-Session-Assertion", "forged.jwt.value")
     };
 
     // With a valid token: the app sees sessiongate's identity and nothing else.
@@ -254,6 +256,28 @@ async fn spoofed_identity_headers_never_reach_the_app(kind: Kind) {
         .unwrap();
     assert_refused(res, StatusCode::UNAUTHORIZED, "invalid_token").await;
     assert_eq!(st.upstream.hits(), 1);
+}
+
+/// With `upstream_assertion` on, the app receives sessiongate's signed
+/// assertion (the one `/v1/verify` gives for the session), once, and never
+/// the one the client sent.
+async fn the_signed_assertion_reaches_the_app_and_a_clients_own_never_does(kind: Kind) {
+    let st = Stack::start_with(kind, &crate::assertion::ASSERTION_ON).await;
+    let s = st.app.create("alice", "laptop").await;
+    let echo = reached(
+        st.get("/orders", &s.token)
+            .header("X-Session-Assertion", "forged.jwt.value")
+            .header("x-session-assertion", "forged-2")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_identity(&echo, &s);
+    let got = received(&echo, "x-session-assertion");
+    let res = st.app.verify(&s.token).await;
+    let direct = res.headers()["x-session-assertion"].to_str().unwrap();
+    assert_eq!(got, [direct], "{echo}");
 }
 
 async fn missing_malformed_and_revoked_tokens_get_401_and_never_reach_the_app(kind: Kind) {
@@ -1000,10 +1024,12 @@ async fn every_verify_answer_is_marked_no_store() {
     assert_error(res, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").await;
 }
 
-/// The check requests config/gateways/envoy.yaml makes: the original method,
-/// `/v1/verify` + the original path and query, the original Host, and only
-/// the allowed headers (authorization, cookie, origin, referer). sessiongate
-/// needs no trusted proxy for them.
+/// The check requests of Envoy's HTTP ext_authz form (`http_service` with
+/// `path_prefix: /v1/verify`, the README's alternative to the gRPC form that
+/// config/gateways/envoy.yaml uses; tests/api/grpc.rs tests that one): the
+/// original method, `/v1/verify` + the original path and query, the original
+/// Host, and only the allowed headers (authorization, cookie, origin,
+/// referer). sessiongate needs no trusted proxy for them.
 #[tokio::test]
 async fn envoy_check_requests_get_the_answers_the_example_relies_on() {
     let app = spawn_app_with(&[]).await;
@@ -1100,15 +1126,12 @@ fn envoy_example_keeps_its_safety_settings() {
     for needle in [
         "failure_mode_allow: false",
         "status_on_error: { code: ServiceUnavailable }",
-        "path_prefix: /v1/verify\n",
-        r#"path_prefix: "/v1/verify?max_age=300&path=""#,
-        "- exact: authorization",
-        "- exact: cookie",
-        "- exact: origin",
-        "- exact: x-session-user",
-        "- exact: x-session-id",
-        "- exact: x-session-device",
-        "- exact: www-authenticate",
+        "transport_api_version: V3",
+        "envoy_grpc: { cluster_name: sessiongate_grpc }",
+        // More than 2 x redis_timeout (250 ms): sessiongate's 503 comes first.
+        "timeout: 1s\n",
+        "http2_protocol_options: {}",
+        r#"context_extensions: { max_age: "300" }"#,
         "headers_with_underscores_action: REJECT_REQUEST",
         "normalize_path: true",
         "merge_slashes: true",

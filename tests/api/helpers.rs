@@ -84,6 +84,8 @@ pub struct TestApp {
     running: RunningApp,
     pub address: String,
     pub port: u16,
+    /// The gRPC `ext_authz` listener, when `GRPC_LISTEN` was set.
+    pub grpc_addr: Option<std::net::SocketAddr>,
     pub client: reqwest::Client,
     pub settings: Settings,
     pub redis: Option<Arc<Mutex<TestRedis>>>,
@@ -110,10 +112,11 @@ pub async fn spawn_app_on(redis_url: &str, overrides: &[(&str, &str)]) -> TestAp
     init_tracing();
     let settings = test_settings(redis_url, overrides);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    let (running, port) = RunningApp::start(settings.clone(), listener).await;
+    let (running, port, grpc_addr) = RunningApp::start(settings.clone(), listener).await;
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
         port,
+        grpc_addr,
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
@@ -140,8 +143,12 @@ struct RunningApp {
 impl RunningApp {
     /// Builds and runs the application on a new thread with its own
     /// multi-threaded runtime; returns once it serves, with its port.
-    async fn start(settings: Settings, listener: TcpListener) -> (RunningApp, u16) {
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<u16, String>>();
+    async fn start(
+        settings: Settings,
+        listener: TcpListener,
+    ) -> (RunningApp, u16, Option<std::net::SocketAddr>) {
+        type Ready = Result<(u16, Option<std::net::SocketAddr>), String>;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Ready>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         // Never sent on: the receiver sees the sender dropped when the
         // thread ends (normally or by a panic).
@@ -164,7 +171,7 @@ impl RunningApp {
                             return;
                         }
                     };
-                    let _ = ready_tx.send(Ok(app.port()));
+                    let _ = ready_tx.send(Ok((app.port(), app.grpc_addr())));
                     // Dropping the server (when the stop signal wins) closes
                     // its listener and stops its workers.
                     tokio::select! {
@@ -180,8 +187,8 @@ impl RunningApp {
                 runtime.shutdown_timeout(Duration::from_secs(5));
             })
             .expect("spawn the app's thread");
-        let port = match ready_rx.await {
-            Ok(Ok(port)) => port,
+        let (port, grpc_addr) = match ready_rx.await {
+            Ok(Ok(ready)) => ready,
             Ok(Err(e)) => panic!("application builds: {e}"),
             Err(_) => panic!("the app's thread ended before the app was built"),
         };
@@ -191,6 +198,7 @@ impl RunningApp {
                 finished: Mutex::new(finished_rx),
             },
             port,
+            grpc_addr,
         )
     }
 }

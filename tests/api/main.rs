@@ -8,6 +8,7 @@ mod sentinel_reads;
 
 mod abuse;
 mod admin;
+mod assertion;
 mod chaos;
 mod cli;
 mod cluster;
@@ -17,6 +18,7 @@ mod failover;
 mod fault_proxy;
 mod faults;
 mod gateway;
+mod grpc;
 mod health;
 mod input;
 mod jwks;
