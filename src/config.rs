@@ -109,6 +109,9 @@ pub struct Settings {
     pub api_key_failure_window: Duration,
     pub redis_url: RedisUrl,
     pub redis_cluster_nodes: Vec<RedisUrl>,
+    pub redis_sentinels: Vec<RedisUrl>,
+    pub redis_sentinel_master: String,
+    pub redis_min_replicas_ack: u32,
     pub redis_timeout: Duration,
     pub redis_pool_size: usize,
     pub key_prefix: String,
@@ -174,6 +177,27 @@ impl Settings {
         }
         layers.overlay_env(env)?;
         layers.build()
+    }
+
+    /// The Redis topology these settings select (validated unambiguous at
+    /// load): Sentinel, Cluster, or the one `redis_url`.
+    pub fn redis_topology(&self) -> crate::store::Topology {
+        use crate::store::Topology;
+        let urls = |list: &[RedisUrl]| list.iter().map(|u| u.expose().to_string()).collect();
+        if !self.redis_sentinels.is_empty() {
+            Topology::Sentinel {
+                sentinels: urls(&self.redis_sentinels),
+                master: self.redis_sentinel_master.clone(),
+            }
+        } else if !self.redis_cluster_nodes.is_empty() {
+            Topology::Cluster {
+                nodes: urls(&self.redis_cluster_nodes),
+            }
+        } else {
+            Topology::Standalone {
+                url: self.redis_url.expose().to_string(),
+            }
+        }
     }
 
     /// The interval at which a verify may write `last_seen_at`: the
@@ -254,6 +278,69 @@ impl Layers {
             setting: self.source.get(key).cloned().unwrap_or_else(|| key.into()),
             message: message.into(),
         }
+    }
+
+    /// Whether `key` was given (in a file or the environment), not defaulted.
+    fn is_set(&self, key: &str) -> bool {
+        self.source
+            .get(key)
+            .is_some_and(|s| !s.ends_with("(not set; default)"))
+    }
+
+    /// The name of `key`'s environment variable.
+    fn var(key: &str) -> String {
+        format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
+    }
+
+    /// Refuses an ambiguous or contradictory choice of Redis topology,
+    /// naming the variables involved.
+    fn check_topology(
+        &self,
+        sentinels: &[String],
+        master: &str,
+        cluster: &[String],
+    ) -> Result<(), ConfigError> {
+        let [url, sent, mast, nodes] = [
+            "redis_url",
+            "redis_sentinels",
+            "redis_sentinel_master",
+            "redis_cluster_nodes",
+        ]
+        .map(Self::var);
+        let refuse = |setting: String, message: String| Err(ConfigError { setting, message });
+        if !sentinels.is_empty() && master.is_empty() {
+            return refuse(
+                sent.clone(),
+                format!("Sentinel mode needs the master name too: set {mast} as well"),
+            );
+        }
+        if sentinels.is_empty() && !master.is_empty() {
+            return refuse(
+                mast,
+                format!("Sentinel mode needs the sentinels' addresses too: set {sent} as well"),
+            );
+        }
+        if !sentinels.is_empty() && !cluster.is_empty() {
+            return refuse(
+                format!("{sent} and {nodes}"),
+                "choose one topology: Sentinel or Cluster, not both".into(),
+            );
+        }
+        if self.is_set("redis_url") && !(sentinels.is_empty() && cluster.is_empty()) {
+            let (mode, other) = if sentinels.is_empty() {
+                ("Cluster", nodes)
+            } else {
+                ("Sentinel", sent)
+            };
+            return refuse(
+                format!("{url} and {other}"),
+                format!(
+                    "{mode} mode does not use {url} ({}); unset one of them",
+                    self.source["redis_url"]
+                ),
+            );
+        }
+        Ok(())
     }
 
     fn string(&self, key: &str) -> Result<String, ConfigError> {
@@ -385,6 +472,11 @@ impl Layers {
             }
             Ok(d)
         };
+        self.check_topology(
+            &self.strings("redis_sentinels")?,
+            self.string("redis_sentinel_master")?.trim(),
+            &self.strings("redis_cluster_nodes")?,
+        )?;
         let settings = Settings {
             listen: self.string("listen")?,
             workers: self.integer("workers", 0, 1024)? as usize,
@@ -409,6 +501,18 @@ impl Layers {
                 }
                 nodes.into_iter().map(RedisUrl).collect()
             },
+            redis_sentinels: {
+                let sentinels = self.strings("redis_sentinels")?;
+                if let Some(bad) = sentinels.iter().find(|n| !n.starts_with("redis://")) {
+                    return Err(self.err(
+                        "redis_sentinels",
+                        format!("{:?} must start with redis://", RedisUrl(bad.clone())),
+                    ));
+                }
+                sentinels.into_iter().map(RedisUrl).collect()
+            },
+            redis_sentinel_master: self.string("redis_sentinel_master")?.trim().to_string(),
+            redis_min_replicas_ack: self.integer("redis_min_replicas_ack", 0, 64)? as u32,
             redis_timeout: positive("redis_timeout")?,
             redis_pool_size: self.integer("redis_pool_size", 1, 1024)? as usize,
             key_prefix,
@@ -940,6 +1044,77 @@ mod tests {
             assert_eq!(
                 Settings::load(&env_with(&env)).unwrap_err().setting,
                 "SESSIONGATE_LOGOUT_ALL_PURGE_DELAY"
+            );
+        }
+    }
+
+    #[test]
+    fn a_contradictory_redis_topology_stops_start_up_naming_the_variables() {
+        const URL: (&str, &str) = ("SESSIONGATE_REDIS_URL", "redis://10.0.0.1:6379/0");
+        const SENTINELS: (&str, &str) = (
+            "SESSIONGATE_REDIS_SENTINELS",
+            "redis://10.0.0.5:26379,redis://10.0.0.6:26379",
+        );
+        const MASTER: (&str, &str) = ("SESSIONGATE_REDIS_SENTINEL_MASTER", "sessiongate");
+        const NODES: (&str, &str) = ("SESSIONGATE_REDIS_CLUSTER_NODES", "redis://10.0.0.7:7000");
+        type Vars = &'static [(&'static str, &'static str)];
+        let cases: [(Vars, [&str; 2]); 6] = [
+            (&[SENTINELS], [SENTINELS.0, MASTER.0]),
+            (&[MASTER], [MASTER.0, SENTINELS.0]),
+            (&[SENTINELS, MASTER, NODES], [SENTINELS.0, NODES.0]),
+            (&[URL, SENTINELS, MASTER], [URL.0, SENTINELS.0]),
+            (&[URL, NODES], [URL.0, NODES.0]),
+            (&[URL, MASTER], [MASTER.0, SENTINELS.0]),
+        ];
+        for (given, named) in cases {
+            let mut env = required();
+            env.extend_from_slice(given);
+            let err = Settings::load(&env_with(&env)).unwrap_err().to_string();
+            for name in named {
+                assert!(err.contains(name), "{given:?}: {err}");
+            }
+        }
+        // Each topology alone is fine, and the one chosen.
+        use crate::store::Topology;
+        let load = |extra: &[(&'static str, &'static str)]| {
+            let mut env = required();
+            env.extend_from_slice(extra);
+            Settings::load(&env_with(&env)).unwrap().redis_topology()
+        };
+        assert!(matches!(load(&[URL]), Topology::Standalone { url } if url == URL.1));
+        assert!(matches!(load(&[NODES]), Topology::Cluster { nodes } if nodes.len() == 1));
+        match load(&[SENTINELS, MASTER]) {
+            Topology::Sentinel { sentinels, master } => {
+                assert_eq!(sentinels.len(), 2);
+                assert_eq!(master, "sessiongate");
+            }
+            _ => panic!("Sentinel expected"),
+        }
+        // Empty values mean "not used".
+        assert!(matches!(
+            load(&[("SESSIONGATE_REDIS_SENTINEL_MASTER", ""), URL]),
+            Topology::Standalone { .. }
+        ));
+    }
+
+    #[test]
+    fn min_replicas_ack_defaults_to_zero_and_is_bounded() {
+        let s = Settings::load(&env_with(&required())).unwrap();
+        assert_eq!(s.redis_min_replicas_ack, 0);
+        let mut env = required();
+        env.push(("SESSIONGATE_REDIS_MIN_REPLICAS_ACK", "2"));
+        assert_eq!(
+            Settings::load(&env_with(&env))
+                .unwrap()
+                .redis_min_replicas_ack,
+            2
+        );
+        for bad in ["-1", "65", "one"] {
+            let mut env = required();
+            env.push(("SESSIONGATE_REDIS_MIN_REPLICAS_ACK", bad));
+            assert_eq!(
+                Settings::load(&env_with(&env)).unwrap_err().setting,
+                "SESSIONGATE_REDIS_MIN_REPLICAS_ACK"
             );
         }
     }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::session::ServiceError;
+use crate::store::StoreError;
 
 /// The body of every error answer.
 #[derive(Debug, Serialize, ToSchema)]
@@ -54,6 +55,13 @@ pub enum ApiError {
     TooManyRequests { retry_after: u64 },
     #[error("the session store is unavailable; try again shortly")]
     StoreUnavailable,
+    /// A change Redis applied (or may have) but too few replicas confirmed
+    /// (`SESSIONGATE_REDIS_MIN_REPLICAS_ACK`): a 503 like any store failure.
+    #[error(
+        "too few Redis replicas confirmed the change in time: it may have been applied, \
+         and it is safe to retry (a new session's token was not issued)"
+    )]
+    NotReplicated,
     /// `/readyz` only: why the store is not usable (Redis's own words for
     /// admin-key callers, a generic reason for anyone else).
     #[error("not ready: {0}")]
@@ -73,7 +81,9 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::HeadersTooLarge => "headers_too_large",
             ApiError::TooManyRequests { .. } => "too_many_requests",
-            ApiError::StoreUnavailable | ApiError::NotReady(_) => "store_unavailable",
+            ApiError::StoreUnavailable | ApiError::NotReplicated | ApiError::NotReady(_) => {
+                "store_unavailable"
+            }
         }
     }
 }
@@ -89,6 +99,14 @@ impl From<ServiceError> for ApiError {
             ServiceError::SessionGone => ApiError::InvalidToken,
             ServiceError::InsufficientAuth { max_age } => ApiError::InsufficientAuth { max_age },
             ServiceError::NotFound => ApiError::NotFound,
+            ServiceError::Store(StoreError::NotReplicated { wanted, got }) => {
+                tracing::warn!(
+                    wanted,
+                    got,
+                    "a change was not confirmed by enough Redis replicas"
+                );
+                ApiError::NotReplicated
+            }
             ServiceError::Store(cause) => {
                 // Debug only: an outage would otherwise log every request; the
                 // refresher logs the transition and metrics count the errors.
@@ -112,7 +130,9 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::StoreUnavailable | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StoreUnavailable | ApiError::NotReplicated | ApiError::NotReady(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -143,7 +163,7 @@ impl ResponseError for ApiError {
                 ));
                 None
             }
-            ApiError::StoreUnavailable | ApiError::NotReady(_) => {
+            ApiError::StoreUnavailable | ApiError::NotReplicated | ApiError::NotReady(_) => {
                 res.insert_header((header::RETRY_AFTER, "1"));
                 None
             }

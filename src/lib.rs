@@ -15,21 +15,25 @@
 //! - [`error`]: `ApiError`, the single error type at the HTTP edge.
 //! - [`domain`]: ids and metadata, parsed and validated once.
 //! - [`token`]: JWT signing/verification and the key ring.
+//! - [`jwks`]: the Ed25519 key of each kid: signatures others verify, the JWK Set.
 //! - [`state`]: the cached global state (key ring, logout-all cutoff).
 //! - [`session`]: `SessionService`, every use case.
 //! - [`store`]: Redis: key schema, Lua scripts, connections.
 //! - [`http`]: routes, extractors, handlers, the OpenAPI document.
 //! - [`console`]: the admin console pages under `/admin/`.
+//! - [`timefmt`]: UTC times for people (console, `sessiongate admin`).
 
 pub mod config;
 pub mod console;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod jwks;
 pub mod metrics;
 pub mod session;
 pub mod startup;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod timefmt;
 pub mod token;

@@ -65,6 +65,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// Where the data lives, without credentials, for the start-up log.
+fn redis_description(settings: &Settings) -> String {
+    let list = |urls: &[sessiongate::config::RedisUrl]| {
+        urls.iter()
+            .map(|u| u.redacted())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if !settings.redis_sentinels.is_empty() {
+        format!(
+            "sentinel master {:?} via {}",
+            settings.redis_sentinel_master,
+            list(&settings.redis_sentinels)
+        )
+    } else if !settings.redis_cluster_nodes.is_empty() {
+        format!("cluster {}", list(&settings.redis_cluster_nodes))
+    } else {
+        settings.redis_url.redacted()
+    }
+}
+
 async fn serve(settings: Settings) -> Result<(), String> {
     let app = Application::build(settings.clone())
         .await
@@ -72,7 +93,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
     tracing::info!(
         listen = %settings.listen,
         port = app.port(),
-        redis = %settings.redis_url,
+        redis = %redis_description(&settings),
         "sessiongate serving"
     );
     app.run_until_stopped().await.map_err(|e| e.to_string())
@@ -99,15 +120,8 @@ async fn revoke_before(settings: Settings, at: &str) -> Result<(), String> {
         ));
     }
     let metrics = std::sync::Arc::new(sessiongate::metrics::Metrics::new());
-    let store = sessiongate::store::Store::new(
-        settings.redis_url.expose(),
-        &cluster_nodes(&settings),
-        settings.redis_timeout,
-        1,
-        sessiongate::store::KeySchema::new(&settings.key_prefix),
-        metrics,
-    )
-    .map_err(|e| e.to_string())?;
+    let store = sessiongate::store::Store::from_settings(&settings, 1, metrics)
+        .map_err(|e| e.to_string())?;
     let record = store
         .global(sessiongate::store::GlobalOp::Cutoff { at_ms })
         .await
@@ -117,12 +131,4 @@ async fn revoke_before(settings: Settings, at: &str) -> Result<(), String> {
         record.cutoff_ms
     );
     Ok(())
-}
-
-fn cluster_nodes(settings: &Settings) -> Vec<String> {
-    settings
-        .redis_cluster_nodes
-        .iter()
-        .map(|n| n.expose().to_string())
-        .collect()
 }

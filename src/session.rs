@@ -463,6 +463,26 @@ impl SessionService {
         Ok(kid)
     }
 
+    /// Signs `claims` with the active kid's Ed25519 key: a compact JWS that
+    /// anyone can verify against [`jwks`](Self::jwks) (upstream assertions,
+    /// security event tokens). Fails closed like verify: 503 when the key
+    /// ring copy is stale.
+    pub fn sign_jwt<C: serde::Serialize + ?Sized>(
+        &self,
+        claims: &C,
+    ) -> Result<String, ServiceError> {
+        Ok(self.global.snapshot()?.ring.asym().sign_jwt(claims))
+    }
+
+    /// The public keys of the kids not retired, from the last ring read
+    /// (however old: a public key list is never made unsafe by age); `None`
+    /// before the first read.
+    pub fn jwks(&self) -> Option<crate::jwks::Jwks> {
+        self.global
+            .latest()
+            .map(|state| state.ring.asym().jwks(now_ms()))
+    }
+
     /// RFC 7662 introspection: `None` when the token is not active.
     pub async fn introspect(&self, token: &str) -> Result<Option<ActiveSession>, ServiceError> {
         match self.verify(token, Reauth::Ignore, true).await {

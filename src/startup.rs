@@ -19,7 +19,7 @@ use crate::http::{AppState, configure};
 use crate::metrics::Metrics;
 use crate::session::SessionService;
 use crate::state::Global;
-use crate::store::{KeySchema, Store};
+use crate::store::Store;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -61,16 +61,9 @@ impl Application {
     ) -> Result<Application, StartupError> {
         let port = listener.local_addr()?.port();
         let metrics = Arc::new(Metrics::new());
-        let store = Arc::new(Store::new(
-            settings.redis_url.expose(),
-            &settings
-                .redis_cluster_nodes
-                .iter()
-                .map(|n| n.expose().to_string())
-                .collect::<Vec<String>>(),
-            settings.redis_timeout,
+        let store = Arc::new(Store::from_settings(
+            &settings,
             settings.redis_pool_size,
-            KeySchema::new(&settings.key_prefix),
             metrics.clone(),
         )?);
         let global = Arc::new(Global::new(
@@ -95,6 +88,7 @@ impl Application {
                     .run_refresher(store.clone(), settings.state_refresh_interval),
             ),
             tokio::spawn(global.clone().run_listener(store.clone())),
+            tokio::spawn(store.clone().run_topology_watch()),
         ];
         let service = Arc::new(SessionService::new(
             &settings,

@@ -70,6 +70,12 @@ impl Global {
         }
     }
 
+    /// The last copy read, however old: only for what staleness cannot
+    /// make wrong (publishing public keys).
+    pub fn latest(&self) -> Option<Arc<GlobalState>> {
+        self.current.load_full()
+    }
+
     /// Whether an answer computed with the copy `used` may still be given
     /// now: `used` is still within `state_max_staleness`, or the current
     /// copy is and holds the same cutoff. A verify checks this after its

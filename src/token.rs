@@ -108,6 +108,8 @@ pub struct KeyRing {
     /// For deriving the key of a kid not in the ring (see `UnseenKey`).
     secret: Box<[u8]>,
     alg: Algorithm,
+    /// The Ed25519 key of each kid, for what others verify (`jwks`).
+    asym: crate::jwks::AsymRing,
 }
 
 /// What the ring says about a kid.
@@ -156,7 +158,13 @@ impl KeyRing {
         if !keys.iter().any(|k| k.kid == parsed.active) {
             return Err("bad key ring: the active kid has no entry".into());
         }
+        let asym = crate::jwks::AsymRing::derive(
+            secret,
+            keys.iter().map(|k| (k.kid.as_str(), k.retire_at_ms)),
+            &parsed.active,
+        );
         Ok(KeyRing {
+            asym,
             active: parsed.active,
             keys,
             gone: HashSet::new(),
@@ -179,6 +187,12 @@ impl KeyRing {
             }
             self.gone.insert(kid.clone());
         }
+    }
+
+    /// The asymmetric (Ed25519) keys of the same kids: sign what others
+    /// verify with `asym().sign_jwt(..)`, publish `asym().jwks(now)`.
+    pub fn asym(&self) -> &crate::jwks::AsymRing {
+        &self.asym
     }
 
     /// Whether this instance has seen `kid` (valid, retired or dropped).
@@ -233,7 +247,7 @@ pub fn new_kid() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn derive_key(secret: &[u8], kid: &str, alg: Algorithm) -> Vec<u8> {
+pub(crate) fn derive_key(secret: &[u8], kid: &str, alg: Algorithm) -> Vec<u8> {
     let len = match alg {
         Algorithm::HS384 => 48,
         Algorithm::HS512 => 64,

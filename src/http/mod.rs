@@ -9,6 +9,7 @@ pub mod introspect;
 pub mod origin;
 pub mod sessions;
 pub mod verify;
+pub mod wellknown;
 
 use std::sync::Arc;
 
@@ -48,6 +49,7 @@ pub struct AppState {
         admin::logout_all, admin::rotate_key,
         introspect::introspect,
         health::healthz, health::readyz, health::metrics, health::openapi,
+        wellknown::jwks,
     ),
     modifiers(&SecuritySchemes, &OperationIdPerMethod)
 )]
@@ -215,6 +217,12 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
         web::resource("/metrics")
             .route(web::get().to(health::metrics))
             .route(web::head().to(health::metrics))
+            .default_service(not_allowed("GET, HEAD")),
+    )
+    .service(
+        web::resource("/.well-known/jwks.json")
+            .route(web::get().to(wellknown::jwks))
+            .route(web::head().to(wellknown::jwks))
             .default_service(not_allowed("GET, HEAD")),
     )
     // The admin console's pages (own error pages and security headers).

@@ -16,6 +16,19 @@
 //! Pub/sub opens its own connection per subscription.
 //!
 //! Every call is bounded by the timeout: pool wait, connect and reply.
+//!
+//! Three [`Topology`]s, each on redis-rs's (and deadpool-redis's) own
+//! support:
+//! - standalone: one Redis URL;
+//! - Sentinel: every connection (request path, pool, pub/sub) is opened to
+//!   the primary the sentinels name (`SentinelClient`, which also checks
+//!   with `ROLE` that the node is a primary). A connection whose node
+//!   answers `READONLY` (a demoted primary) is dropped at once, and
+//!   [`ConnectionLayer::watch`] asks the sentinels every
+//!   [`SENTINEL_POLL`] which node is the primary: when it changed, every
+//!   connection opened before is abandoned, so nothing keeps talking to a
+//!   demoted primary that is still reachable;
+//! - Cluster: `ClusterClient`, routing each script by its key's slot.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -26,13 +39,46 @@ use deadpool_redis::{Manager, Pool, Runtime};
 use redis::aio::MultiplexedConnection;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Value};
+use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::{AsyncConnectionConfig, ErrorKind, ServerErrorKind, Value};
 
 use super::StoreError;
 use crate::metrics::Metrics;
 
 /// After this many timeouts in a row the connection is replaced.
 const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
+
+/// How often [`ConnectionLayer::watch`] asks the sentinels for the primary.
+pub const SENTINEL_POLL: Duration = Duration::from_millis(500);
+
+/// Where the data lives, as configured.
+#[derive(Clone)]
+pub enum Topology {
+    /// One Redis (`redis_url`).
+    Standalone { url: String },
+    /// A primary found through Sentinel: the sentinels' addresses and the
+    /// master name they monitor. The first sentinel URL's username and
+    /// password (if any) are used for the data nodes as well.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+    /// A Redis Cluster, by its seed nodes.
+    Cluster { nodes: Vec<String> },
+}
+
+/// How the layer opens a connection to the node that takes writes.
+enum Target {
+    Single(redis::Client),
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+    Cluster(ClusterClient),
+}
+
+/// The bulk-work pool: deadpool-redis's plain or Sentinel pool.
+enum BulkPool {
+    Single(Pool),
+    Sentinel(deadpool_redis::sentinel::Pool),
+}
 
 static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -77,19 +123,28 @@ impl redis::aio::ConnectionLike for Connection {
 
 /// A connection checked out of the bulk-work pool; back to the pool on
 /// drop, or thrown away with [`Pooled::discard`].
-pub(super) struct Pooled(deadpool_redis::Connection);
+pub(super) enum Pooled {
+    Single(deadpool_redis::Connection),
+    Sentinel(deadpool_redis::sentinel::Connection),
+}
 
 impl Pooled {
     /// Takes the connection out of the pool (it failed, timed out or
     /// answered out of step): the pool opens a fresh one instead.
     pub(super) fn discard(self) {
-        let _ = deadpool_redis::Connection::take(self.0);
+        match self {
+            Pooled::Single(c) => drop(deadpool_redis::Connection::take(c)),
+            Pooled::Sentinel(c) => drop(deadpool_redis::sentinel::Connection::take(c)),
+        }
     }
 }
 
 impl redis::aio::ConnectionLike for Pooled {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        self.0.req_packed_command(cmd)
+        match self {
+            Pooled::Single(c) => c.req_packed_command(cmd),
+            Pooled::Sentinel(c) => c.req_packed_command(cmd),
+        }
     }
 
     fn req_packed_commands<'a>(
@@ -98,12 +153,28 @@ impl redis::aio::ConnectionLike for Pooled {
         offset: usize,
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<Value>> {
-        self.0.req_packed_commands(pipeline, offset, count)
+        match self {
+            Pooled::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Pooled::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
+        }
     }
 
     fn get_db(&self) -> i64 {
-        self.0.get_db()
+        match self {
+            Pooled::Single(c) => c.get_db(),
+            Pooled::Sentinel(c) => c.get_db(),
+        }
     }
+}
+
+/// Whether a failed command means its connection must go: broken, or on a
+/// node that no longer takes writes (`READONLY`: a demoted primary).
+pub(super) fn connection_unusable(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+        || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
 }
 
 /// One thread's request-path connection of one layer.
@@ -112,6 +183,9 @@ struct LocalConnection {
     /// Unique per opened connection, so stale timeouts are not held against
     /// a newer one.
     generation: u64,
+    /// The layer's topology epoch when this was opened; a connection of an
+    /// older epoch is never used again.
+    epoch: u64,
     conn: Connection,
     timeouts: u32,
 }
@@ -137,12 +211,16 @@ impl Drop for BackoffOnDrop<'_> {
 /// connections, the bulk-work pool and pub/sub.
 pub(super) struct ConnectionLayer {
     id: u64,
-    pool: Pool,
-    client: redis::Client,
-    /// Set in Redis Cluster mode: commands go through it instead of `client`.
-    cluster: Option<ClusterClient>,
+    pool: BulkPool,
+    target: Target,
+    /// Bumped when the sentinels name another primary: every connection
+    /// opened before is abandoned.
+    epoch: AtomicU64,
+    /// The primary (`host:port`) the last Sentinel lookup named.
+    primary: std::sync::Mutex<Option<String>>,
     /// The addresses pub/sub may subscribe at (any node hears every
-    /// PUBLISH in a cluster); tried in turn.
+    /// PUBLISH in a cluster); tried in turn. Empty in Sentinel mode (the
+    /// primary is asked for).
     event_urls: Vec<String>,
     next_event_url: AtomicU64,
     connection_config: AsyncConnectionConfig,
@@ -158,49 +236,72 @@ pub(super) struct ConnectionLayer {
 impl ConnectionLayer {
     /// Sets up the pool; connects lazily, so a service can start while Redis
     /// is down (it answers 503 until Redis is back).
-    /// `cluster_nodes` non-empty: Redis Cluster mode, with these seed nodes.
     pub(super) fn new(
-        url: &str,
-        cluster_nodes: &[String],
+        topology: &Topology,
         timeout: Duration,
         pool_size: usize,
         metrics: Arc<Metrics>,
     ) -> Result<ConnectionLayer, StoreError> {
+        let bad = |e: redis::RedisError| StoreError::Connection(e.to_string());
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
-        let manager = Manager::new_with_config(url, config.clone())
-            .map_err(|e| StoreError::Connection(e.to_string()))?;
-        let pool = Pool::builder(manager)
-            .max_size(pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .build()
-            .map_err(|e| StoreError::Connection(e.to_string()))?;
-        let client = redis::Client::open(url).map_err(|e| StoreError::Connection(e.to_string()))?;
-        let cluster = if cluster_nodes.is_empty() {
-            None
-        } else {
-            Some(
-                ClusterClient::builder(cluster_nodes.iter().map(String::as_str))
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
+        let (pool, target, event_urls) = match topology {
+            Topology::Standalone { url } => (
+                BulkPool::Single(single_pool(url, &config, timeout, pool_size)?),
+                Target::Single(redis::Client::open(url.as_str()).map_err(bad)?),
+                vec![url.clone()],
+            ),
+            Topology::Cluster { nodes } => (
+                // Unused for commands in Cluster mode (the purge and the
+                // durability check do not run there); kept for its status.
+                BulkPool::Single(single_pool(&nodes[0], &config, timeout, pool_size)?),
+                Target::Cluster(
+                    ClusterClient::builder(nodes.iter().map(String::as_str))
+                        .connection_timeout(timeout)
+                        .response_timeout(timeout)
+                        .build()
+                        .map_err(bad)?,
+                ),
+                nodes.clone(),
+            ),
+            Topology::Sentinel { sentinels, master } => {
+                let node_info = sentinel_node_info(&sentinels[0])?;
+                let manager = deadpool_redis::sentinel::Manager::new(
+                    sentinels.clone(),
+                    master.clone(),
+                    node_info.clone().map(Into::into),
+                    deadpool_redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(bad)?;
+                let pool = deadpool_redis::sentinel::Pool::builder(manager)
+                    .max_size(pool_size)
+                    .runtime(Runtime::Tokio1)
+                    .wait_timeout(Some(timeout))
+                    .create_timeout(Some(timeout))
+                    .recycle_timeout(Some(timeout))
                     .build()
-                    .map_err(|e| StoreError::Connection(e.to_string()))?,
-            )
-        };
-        let event_urls = if cluster_nodes.is_empty() {
-            vec![url.to_string()]
-        } else {
-            cluster_nodes.to_vec()
+                    .map_err(|e| StoreError::Connection(e.to_string()))?;
+                let client = SentinelClient::build(
+                    sentinels.clone(),
+                    master.clone(),
+                    node_info.map(|i| i.into_redis()),
+                    SentinelServerType::Master,
+                )
+                .map_err(bad)?;
+                (
+                    BulkPool::Sentinel(pool),
+                    Target::Sentinel(tokio::sync::Mutex::new(client)),
+                    Vec::new(),
+                )
+            }
         };
         Ok(ConnectionLayer {
             id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
             pool,
-            client,
-            cluster,
+            target,
+            epoch: AtomicU64::new(0),
+            primary: std::sync::Mutex::new(None),
             event_urls,
             next_event_url: AtomicU64::new(0),
             connection_config: config,
@@ -220,20 +321,75 @@ impl ConnectionLayer {
     }
 
     pub(super) fn is_cluster(&self) -> bool {
-        self.cluster.is_some()
+        matches!(self.target, Target::Cluster(_))
     }
 
     pub(super) fn pool_status(&self) -> deadpool_redis::Status {
-        self.pool.status()
+        match &self.pool {
+            BulkPool::Single(p) => p.status(),
+            BulkPool::Sentinel(p) => p.status(),
+        }
     }
 
+    /// This thread's connection of the current epoch (one of an older epoch
+    /// is dropped here).
     fn local_connection(&self) -> Option<(u64, Connection)> {
+        let epoch = self.epoch.load(Ordering::Acquire);
         LOCAL_CONNECTIONS.with(|c| {
-            c.borrow()
+            let mut conns = c.borrow_mut();
+            conns.retain(|l| l.layer != self.id || l.epoch == epoch);
+            conns
                 .iter()
                 .find(|l| l.layer == self.id)
                 .map(|l| (l.generation, l.conn.clone()))
         })
+    }
+
+    /// The primary the sentinels name now, connected to and checked
+    /// (`ROLE`); remembers its address.
+    async fn sentinel_primary(
+        &self,
+        client: &tokio::sync::Mutex<SentinelClient>,
+    ) -> Result<redis::Client, StoreError> {
+        let found = client
+            .lock()
+            .await
+            .async_get_client()
+            .await
+            .map_err(|e| StoreError::from_redis(&e))?;
+        let addr = found.get_connection_info().addr().to_string();
+        let mut primary = self.primary.lock().unwrap_or_else(|p| p.into_inner());
+        if primary.as_deref() != Some(addr.as_str()) {
+            if primary.is_some() {
+                tracing::warn!(primary = %addr, "Sentinel names a new Redis primary");
+                self.abandon_connections();
+            }
+            *primary = Some(addr);
+        }
+        Ok(found)
+    }
+
+    /// Stops using every connection opened so far: request-path ones (by
+    /// epoch, on every thread) and the pool's idle ones.
+    fn abandon_connections(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if let BulkPool::Sentinel(pool) = &self.pool {
+            pool.retain(|_, _| false);
+        }
+    }
+
+    /// Sentinel mode: asks the sentinels for the primary every
+    /// [`SENTINEL_POLL`], abandoning every connection when it changed
+    /// (see the module doc). Other modes: returns at once. Run it as a
+    /// background task for the life of the store.
+    pub(super) async fn watch(&self) {
+        let Target::Sentinel(client) = &self.target else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(SENTINEL_POLL).await;
+            let _ = self.bounded(self.sentinel_primary(client)).await;
+        }
     }
 
     /// This thread's connection, opened when there is none. One opening at
@@ -255,19 +411,34 @@ impl ConnectionLayer {
         // Armed until the connection is up: a failure, or this future being
         // dropped at its deadline, delays the next attempt.
         let backoff = BackoffOnDrop(self);
-        let conn = match &self.cluster {
-            None => Connection::Single(
-                self.client
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let conn = match &self.target {
+            Target::Single(client) => Connection::Single(
+                client
                     .get_multiplexed_async_connection_with_config(&self.connection_config)
                     .await
                     .map_err(|e| StoreError::from_redis(&e))?,
             ),
-            Some(cluster) => Connection::Cluster(
+            Target::Sentinel(sentinel) => Connection::Single(
+                self.sentinel_primary(sentinel)
+                    .await?
+                    .get_multiplexed_async_connection_with_config(&self.connection_config)
+                    .await
+                    .map_err(|e| StoreError::from_redis(&e))?,
+            ),
+            Target::Cluster(cluster) => Connection::Cluster(
                 cluster
                     .get_async_connection()
                     .await
                     .map_err(|e| StoreError::from_redis(&e))?,
             ),
+        };
+        // The primary changed while this one was opened: it may be the old
+        // one, so the next call opens another.
+        let epoch = if self.epoch.load(Ordering::Acquire) == epoch {
+            epoch
+        } else {
+            u64::MAX
         };
         std::mem::forget(backoff);
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
@@ -275,6 +446,7 @@ impl ConnectionLayer {
             c.borrow_mut().push(LocalConnection {
                 layer: self.id,
                 generation,
+                epoch,
                 conn: conn.clone(),
                 timeouts: 0,
             })
@@ -342,11 +514,10 @@ impl ConnectionLayer {
             let (generation, conn) = self.connection().await?;
             used.store(generation, Ordering::Relaxed);
             let reply = op(conn).await.map_err(|e| {
-                let err = StoreError::from_redis(&e);
-                if matches!(err, StoreError::Connection(_)) || e.is_unrecoverable_error() {
+                if connection_unusable(&e) {
                     self.forget_connection(generation);
                 }
-                err
+                StoreError::from_redis(&e)
             })?;
             if !matches(&reply) {
                 self.forget_connection(generation);
@@ -378,11 +549,11 @@ impl ConnectionLayer {
     /// A connection from the bulk-work pool, within the timeout.
     pub(super) async fn pooled(&self) -> Result<Pooled, StoreError> {
         self.bounded(async {
-            self.pool
-                .get()
-                .await
-                .map(Pooled)
-                .map_err(|e| StoreError::Connection(e.to_string()))
+            match &self.pool {
+                BulkPool::Single(p) => p.get().await.map(Pooled::Single),
+                BulkPool::Sentinel(p) => p.get().await.map(Pooled::Sentinel),
+            }
+            .map_err(|e| StoreError::Connection(e.to_string()))
         })
         .await
     }
@@ -399,18 +570,90 @@ impl ConnectionLayer {
 
     /// A pub/sub connection subscribed to `channel`.
     pub(super) async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSub, StoreError> {
-        let n = self.next_event_url.fetch_add(1, Ordering::Relaxed) as usize;
-        let url = &self.event_urls[n % self.event_urls.len()];
         let attempt = async {
-            let client = redis::Client::open(url.as_str())?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
+            let client = match &self.target {
+                Target::Sentinel(sentinel) => self.sentinel_primary(sentinel).await?,
+                _ => {
+                    let n = self.next_event_url.fetch_add(1, Ordering::Relaxed) as usize;
+                    let url = &self.event_urls[n % self.event_urls.len()];
+                    redis::Client::open(url.as_str()).map_err(|e| StoreError::from_redis(&e))?
+                }
+            };
+            let subscribed = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            subscribed.await.map_err(|e| StoreError::from_redis(&e))
         };
-        match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(Ok(pubsub)) => Ok(pubsub),
-            Ok(Err(e)) => Err(StoreError::from_redis(&e)),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        self.bounded(attempt).await
+    }
+}
+
+fn single_pool(
+    url: &str,
+    config: &AsyncConnectionConfig,
+    timeout: Duration,
+    pool_size: usize,
+) -> Result<Pool, StoreError> {
+    let manager = Manager::new_with_config(url, config.clone())
+        .map_err(|e| StoreError::Connection(e.to_string()))?;
+    Pool::builder(manager)
+        .max_size(pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .build()
+        .map_err(|e| StoreError::Connection(e.to_string()))
+}
+
+/// The data nodes' credentials in Sentinel mode: those of the first
+/// sentinel URL (`redis://user:pass@host:port`), if it has any.
+fn sentinel_node_info(first_sentinel: &str) -> Result<Option<NodeInfo>, StoreError> {
+    use redis::IntoConnectionInfo;
+    let info = first_sentinel
+        .into_connection_info()
+        .map_err(|e| StoreError::Connection(e.to_string()))?;
+    let redis = info.redis_settings();
+    Ok(
+        (redis.username().is_some() || redis.password().is_some()).then(|| NodeInfo {
+            username: redis.username().map(str::to_string),
+            password: redis.password().map(str::to_string),
+        }),
+    )
+}
+
+/// Credentials for the data nodes, convertible into both redis-rs's and
+/// deadpool-redis's Sentinel node settings.
+#[derive(Clone)]
+struct NodeInfo {
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl NodeInfo {
+    fn into_redis(self) -> redis::sentinel::SentinelNodeConnectionInfo {
+        let mut info = redis::RedisConnectionInfo::default();
+        if let Some(u) = self.username {
+            info = info.set_username(u);
+        }
+        if let Some(p) = self.password {
+            info = info.set_password(p);
+        }
+        redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(info)
+    }
+}
+
+impl From<NodeInfo> for deadpool_redis::sentinel::SentinelNodeConnectionInfo {
+    fn from(n: NodeInfo) -> Self {
+        deadpool_redis::sentinel::SentinelNodeConnectionInfo {
+            tls_mode: None,
+            redis_connection_info: Some(deadpool_redis::RedisConnectionInfo {
+                username: n.username,
+                password: n.password,
+                ..Default::default()
+            }),
         }
     }
 }

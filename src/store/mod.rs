@@ -25,6 +25,7 @@ use std::time::Duration;
 use redis::{FromRedisValue, Script, Value};
 
 use conn::ConnectionLayer;
+pub use conn::Topology;
 
 use crate::domain::{DeviceId, SessionId, UserId, UserTag};
 use crate::metrics::Metrics;
@@ -64,6 +65,10 @@ pub enum StoreError {
     Refused(String),
     #[error("unexpected reply from Redis: {0}")]
     Protocol(String),
+    /// `WAIT` counted fewer replicas than required: the change may have
+    /// been applied on the primary, and may be lost in a failover.
+    #[error("only {got} of {wanted} Redis replicas confirmed the change")]
+    NotReplicated { wanted: u32, got: i64 },
 }
 
 impl StoreError {
@@ -84,6 +89,7 @@ impl StoreError {
             StoreError::Connection(_) => "connection",
             StoreError::Refused(_) => "refused",
             StoreError::Protocol(_) => "protocol",
+            StoreError::NotReplicated { .. } => "not_replicated",
         }
     }
 }
@@ -222,6 +228,13 @@ struct Scripts {
 
 pub struct Store {
     conn: ConnectionLayer,
+    /// Replicas that must confirm every acknowledged change (`WAIT`); 0:
+    /// no `WAIT`.
+    min_replicas_ack: u32,
+    /// `WAIT`'s own timeout, 2/5 of the Redis timeout: a shortfall is
+    /// reported as such rather than as a timeout, even when the first try
+    /// met `NOSCRIPT` (its `WAIT` still ran) and the pipeline ran twice.
+    wait_ms: u64,
     /// Monotonic origin for `durability_checked_ms`.
     clock: std::time::Instant,
     /// When the durability settings were last read for an anonymous
@@ -245,8 +258,49 @@ impl Store {
         keys: KeySchema,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
+        let topology = if cluster_nodes.is_empty() {
+            Topology::Standalone {
+                url: url.to_string(),
+            }
+        } else {
+            Topology::Cluster {
+                nodes: cluster_nodes.to_vec(),
+            }
+        };
+        Store::open(&topology, timeout, pool_size, keys, metrics)
+    }
+
+    /// The store for the configured topology, with the settings' timeout,
+    /// key prefix and replica acknowledgements; `pool_size` bulk-work
+    /// connections. Connects lazily (see [`Store::new`]).
+    pub fn from_settings(
+        settings: &crate::config::Settings,
+        pool_size: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
+        let mut store = Store::open(
+            &settings.redis_topology(),
+            settings.redis_timeout,
+            pool_size,
+            KeySchema::new(&settings.key_prefix),
+            metrics,
+        )?;
+        store.min_replicas_ack = settings.redis_min_replicas_ack;
+        Ok(store)
+    }
+
+    /// Like [`Store::new`], for any [`Topology`].
+    pub fn open(
+        topology: &Topology,
+        timeout: Duration,
+        pool_size: usize,
+        keys: KeySchema,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
         Ok(Store {
-            conn: ConnectionLayer::new(url, cluster_nodes, timeout, pool_size, metrics.clone())?,
+            conn: ConnectionLayer::new(topology, timeout, pool_size, metrics.clone())?,
+            min_replicas_ack: 0,
+            wait_ms: (timeout.as_millis() as u64 * 2 / 5).max(1),
             clock: std::time::Instant::now(),
             durability_checked_ms: AtomicU64::new(0),
             keys,
@@ -268,6 +322,13 @@ impl Store {
         &self.keys
     }
 
+    /// Keeps the connections on the node that takes writes (Sentinel mode:
+    /// follows the sentinels' primary; see `conn`). Other topologies:
+    /// returns at once. Spawn it for the life of the store.
+    pub async fn run_topology_watch(self: Arc<Self>) {
+        self.conn.watch().await
+    }
+
     pub fn pool_status(&self) -> deadpool_redis::Status {
         self.conn.pool_status()
     }
@@ -279,18 +340,62 @@ impl Store {
     async fn run_script(
         &self,
         script: &Script,
+        cmd: redis::Cmd,
+    ) -> Result<std::vec::IntoIter<Value>, StoreError> {
+        self.run_script_waiting(script, cmd, 0).await
+    }
+
+    /// [`Store::run_script`] for a change the client is told is done: when
+    /// `min_replicas_ack` > 0, pipelined with `WAIT n` on the same
+    /// connection (so, in Cluster mode, to the node that took the write:
+    /// redis-rs routes a pipeline by its first keyed command), in the same
+    /// round trip; fewer confirmations fail it with
+    /// [`StoreError::NotReplicated`].
+    async fn run_acknowledged(
+        &self,
+        script: &Script,
+        cmd: redis::Cmd,
+    ) -> Result<std::vec::IntoIter<Value>, StoreError> {
+        self.run_script_waiting(script, cmd, self.min_replicas_ack)
+            .await
+    }
+
+    async fn run_script_waiting(
+        &self,
+        script: &Script,
         mut cmd: redis::Cmd,
+        replicas: u32,
     ) -> Result<std::vec::IntoIter<Value>, StoreError> {
         let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
         cmd.arg(nonce);
         let cmd = &cmd;
-        let reply: Vec<Value> = self
-            .conn
-            .call(
-                |mut conn| async move { evalsha_loading(&mut conn, script, cmd).await },
-                |reply| is_nonce(reply.first(), nonce),
-            )
-            .await?;
+        let (reply, acks): (Vec<Value>, i64) = if replicas == 0 {
+            let reply = self
+                .conn
+                .call(
+                    |mut conn| async move { evalsha_loading(&mut conn, script, cmd).await },
+                    |reply: &Vec<Value>| is_nonce(reply.first(), nonce),
+                )
+                .await?;
+            (reply, 0)
+        } else {
+            let wait_ms = self.wait_ms;
+            self.conn
+                .call(
+                    |mut conn| async move {
+                        evalsha_waiting(&mut conn, script, cmd, replicas, wait_ms).await
+                    },
+                    |(reply, _): &(Vec<Value>, i64)| is_nonce(reply.first(), nonce),
+                )
+                .await?
+        };
+        if acks < i64::from(replicas) {
+            self.metrics.redis_error("not_replicated");
+            return Err(StoreError::NotReplicated {
+                wanted: replicas,
+                got: acks,
+            });
+        }
         let mut it = reply.into_iter();
         it.next();
         Ok(it)
@@ -454,7 +559,7 @@ impl Store {
             .arg(new.absolute_ms)
             .arg(new.max_per_user)
             .arg(live.cutoff_ms);
-        let mut it = self.run_script(&self.scripts.create, cmd).await?;
+        let mut it = self.run_acknowledged(&self.scripts.create, cmd).await?;
         Ok(Created {
             created_ms: int(it.next())?,
             expires_ms: int(it.next())?,
@@ -481,7 +586,7 @@ impl Store {
         live: Liveness,
     ) -> Result<u64, StoreError> {
         let cmd = self.revoke_cmd(key, which, live);
-        let mut it = self.run_script(&self.scripts.revoke, cmd).await?;
+        let mut it = self.run_acknowledged(&self.scripts.revoke, cmd).await?;
         Ok(int(it.next())?.max(0) as u64)
     }
 
@@ -507,7 +612,7 @@ impl Store {
         cmd.arg(session.field())
             .arg(live.idle_ms)
             .arg(live.cutoff_ms);
-        let mut it = self.run_script(&self.scripts.reauth, cmd).await?;
+        let mut it = self.run_acknowledged(&self.scripts.reauth, cmd).await?;
         Ok(match int(it.next())? {
             1 => Some(int(it.next())?),
             _ => None,
@@ -557,7 +662,12 @@ impl Store {
                 .arg(0),
         };
         cmd.arg(self.keys.events());
-        let mut it = self.run_script(&self.scripts.global, cmd).await?;
+        // A lost `init` fails closed (a new ring: tokens of the lost kid are
+        // refused), so only rotations and cutoffs wait for replicas.
+        let mut it = match op {
+            GlobalOp::Init { .. } => self.run_script(&self.scripts.global, cmd).await?,
+            _ => self.run_acknowledged(&self.scripts.global, cmd).await?,
+        };
         Ok(GlobalRecord {
             cutoff_ms: int(it.next())?,
             ring_json: text(it.next())?,
@@ -819,6 +929,29 @@ async fn evalsha_loading<C: redis::aio::ConnectionLike>(
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             script.load_async(conn).await?;
             cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
+
+/// [`evalsha_loading`] pipelined with `WAIT replicas wait_ms`, in one round
+/// trip: the script's reply and the replicas that confirmed it.
+async fn evalsha_waiting<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    script: &Script,
+    cmd: &redis::Cmd,
+    replicas: u32,
+    wait_ms: u64,
+) -> redis::RedisResult<(Vec<Value>, i64)> {
+    let mut pipe = redis::pipe();
+    pipe.add_command(cmd.clone())
+        .cmd("WAIT")
+        .arg(replicas)
+        .arg(wait_ms);
+    match pipe.query_async::<(Vec<Value>, i64)>(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            pipe.query_async(conn).await
         }
         other => other,
     }

@@ -656,8 +656,9 @@ async fn with_redis_down_the_console_answers_503_and_shows_redis_not_ready() {
 
 /// The Python with Playwright (`SESSIONGATE_TEST_PYTHON`, else the venv
 /// scripts/test creates) and Debian's Chromium: both must be there; a
-/// missing one fails the test with what to run.
-fn browser_tools() -> (std::path::PathBuf, std::path::PathBuf) {
+/// missing one fails the test with what to run. (Also used by the gateway
+/// browser tests.)
+pub(crate) fn browser_tools() -> (std::path::PathBuf, std::path::PathBuf) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = std::env::var_os("SESSIONGATE_TEST_PYTHON")
         .map(std::path::PathBuf::from)
@@ -680,12 +681,12 @@ fn browser_tools() -> (std::path::PathBuf, std::path::PathBuf) {
     (python, chromium)
 }
 
-/// Where the screenshots go: `<target dir>/browser-artifacts/console`.
-fn artifacts_dir() -> std::path::PathBuf {
+/// Where the screenshots go: `<target dir>/browser-artifacts/<name>`, emptied.
+pub(crate) fn artifacts_dir(name: &str) -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let dir = target.join("browser-artifacts").join("console");
+    let dir = target.join("browser-artifacts").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create the artefacts directory");
     dir
@@ -712,7 +713,7 @@ async fn browser_the_console_works_in_headless_chromium() {
                 "label": "work laptop"}}))
         .await;
     let nojs = app.create("frank", "desktop").await;
-    let artifacts = artifacts_dir();
+    let artifacts = artifacts_dir("console");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/console.py");
 
     let mut command = tokio::process::Command::new(&python);

@@ -7,6 +7,7 @@
 //! `gateway::caddy::…`). sessiongate trusts the gateway's X-Forwarded-*
 //! headers (`TRUSTED_PROXIES=127.0.0.1`), as the configurations require.
 
+mod browser;
 mod harness;
 
 use std::time::Duration;
@@ -50,6 +51,9 @@ on_every_gateway!(
     a_cookie_token_works_and_cross_site_unsafe_requests_are_refused,
     admin_and_key_endpoints_are_unreachable_through_the_gateway,
     the_admin_console_is_unreachable_through_the_gateway,
+    public_routes_reach_the_app_unchecked_and_without_identity,
+    a_refused_page_load_is_redirected_to_the_login_page,
+    a_page_load_gets_a_try_again_page_when_the_check_is_unavailable,
 );
 
 /// sessiongate (on its own Redis), the echoing app, and a gateway between
@@ -683,6 +687,258 @@ async fn the_admin_console_is_unreachable_through_the_gateway(kind: Kind) {
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.text().await.unwrap().contains("sessiongate console"));
+}
+
+/// What a browser sends when it loads a page.
+const NAVIGATION_ACCEPT: &str =
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8";
+
+/// The login page, its logout and static files are public: they reach the app
+/// with or without a session, and never with an identity (a client's own
+/// X-Session-* are dropped; a live token's identity is not looked up). Paths
+/// that only look public (`/static/../orders`, `/LOGIN`, `/login/x`) are
+/// checked like any other.
+async fn public_routes_reach_the_app_unchecked_and_without_identity(kind: Kind) {
+    let st = Stack::start(kind).await;
+    let s = st.app.create("olga", "laptop").await;
+    let spoof = |req: reqwest::RequestBuilder| {
+        req.header("X-Session-User", "mallory")
+            .header("X_Session_User", "mallory-2")
+            .header("X-Session-Id", "forged")
+            .header("X-Session-Device", "forged")
+            .header("X-Session-Assertion", "forged.jwt.value")
+    };
+    let cases = [
+        (Method::GET, "/login"),
+        (Method::GET, "/login?return=/orders?page=2&x=1"),
+        (Method::POST, "/login"),
+        (Method::POST, "/logout"),
+        (Method::GET, "/static/app.css"),
+        (Method::GET, "/static/img/logo.svg"),
+    ];
+    let mut hits = 0;
+    for (method, path) in cases {
+        for token in [None, Some(s.token.as_str())] {
+            let mut req = spoof(st.request(method.clone(), path));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let echo = reached(req.send().await.unwrap()).await;
+            hits += 1;
+            assert_eq!(echo["uri"], path, "{method} {path}");
+            // (nginx drops the `_` spelling and empties the three names;
+            // Caddy deletes every spelling.)
+            let identity = identity_like(&echo);
+            assert!(identity.is_empty(), "{method} {path}: {identity:?}");
+        }
+    }
+    assert_eq!(st.upstream.hits(), hits);
+
+    // Only looks public: checked (401 without a session), never the app.
+    let lookalikes = [
+        "/static/../orders",
+        "/static/%2e%2e/orders",
+        "/static/..%2forders",
+        "/static/..%2Forders",
+        "/static/%2E%2E/orders",
+        "/login/../orders",
+        "/login/x",
+        "/loginx",
+        "/LOGIN",
+        "/Static/app.css",
+        "/logout/",
+        "/x/../orders",
+    ];
+    for target in lookalikes {
+        let res = raw_request(st.gateway.port, "GET", target, &["X-Session-User: mallory"]).await;
+        assert_eq!(res.status, 401, "GET {target}: {res:?}");
+        assert!(!res.body.contains(r#""from":"app""#), "GET {target}");
+    }
+    // Spellings that clean up to a public path may be served, but the app
+    // then receives the plain path, never the raw one.
+    for target in [
+        "/static/./app.css",
+        "/static//app.css",
+        "//login",
+        "/static/x/../app.css",
+    ] {
+        let res = raw_request(st.gateway.port, "GET", target, &[]).await;
+        if res.status == 200 {
+            let echo: Value = serde_json::from_str(&res.body).unwrap();
+            hits += 1;
+            let uri = echo["uri"].as_str().unwrap();
+            assert!(
+                uri == "/static/app.css" || uri == "/login",
+                "GET {target} reached the app as {uri}"
+            );
+        } else {
+            assert_eq!(res.status, 401, "GET {target}: {res:?}");
+        }
+    }
+    assert_eq!(st.upstream.hits(), hits);
+}
+
+/// A refused page load (GET asking for text/html) is sent to the login page
+/// with the request URI, exactly as it came, after `return=`; the gateway
+/// does not vet it (the login page does). Everything else keeps the JSON 401.
+async fn a_refused_page_load_is_redirected_to_the_login_page(kind: Kind) {
+    let st = Stack::start(kind).await;
+    let revoked = st.app.create("pat", "laptop").await;
+    assert_eq!(
+        st.app.logout(&revoked.token).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let old = st
+        .app
+        .create_body(json!({"user_id": "pat", "device_id": "phone", "auth_time": now_s() - 600}))
+        .await;
+    let cookie = |token: &str| format!("{}={token}", st.app.settings.cookie_name);
+    let accept = format!("Accept: {NAVIGATION_ACCEPT}");
+
+    let cases = [
+        ("/orders", None, "/orders"),
+        (
+            "/orders/7?page=2&sort=asc",
+            None,
+            "/orders/7?page=2&sort=asc",
+        ),
+        ("/a%20b?q=%26&r=%2F", None, "/a%20b?q=%26&r=%2F"),
+        ("/orders", Some(cookie(&revoked.token)), "/orders"),
+        (
+            "/account/email?tab=1",
+            Some(cookie(&old.token)),
+            "/account/email?tab=1",
+        ),
+        ("//evil.example/x", None, "//evil.example/x"),
+        ("/", None, "/"),
+    ];
+    for (target, cookie, back) in cases {
+        let mut headers = vec![accept.as_str()];
+        let cookie_line = cookie.map(|c| format!("Cookie: {c}"));
+        if let Some(c) = &cookie_line {
+            headers.push(c);
+        }
+        let res = raw_request(st.gateway.port, "GET", target, &headers).await;
+        assert_eq!(res.status, 303, "GET {target}: {res:?}");
+        let head = res.head.to_ascii_lowercase();
+        let location = res
+            .head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Location: ")
+                    .or(l.strip_prefix("location: "))
+            })
+            .unwrap_or_else(|| panic!("no Location: {res:?}"));
+        assert_eq!(location, format!("/login?return={back}"), "GET {target}");
+        assert!(head.contains("cache-control: no-store"), "{res:?}");
+        assert!(!res.body.contains(r#""from":"app""#), "GET {target}");
+    }
+
+    // Not a page load: JSON 401 as before (an API client, a fetch, a POST
+    // form, a stylesheet).
+    let not_pages = [
+        st.request(Method::GET, "/orders"),
+        st.request(Method::GET, "/orders")
+            .header("accept", "application/json"),
+        st.request(Method::GET, "/static-ish.css")
+            .header("accept", "text/css,*/*;q=0.1"),
+        st.request(Method::POST, "/orders")
+            .header("accept", NAVIGATION_ACCEPT),
+        st.request(Method::DELETE, "/orders/7")
+            .header("accept", NAVIGATION_ACCEPT),
+        st.request(Method::GET, "/orders")
+            .header("accept", "application/json")
+            .header("cookie", cookie(&revoked.token)),
+    ];
+    for req in not_pages {
+        assert_refused(
+            req.send().await.unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+        )
+        .await;
+    }
+    // A live session's page load is not redirected.
+    let live = st.app.create("pat", "desktop").await;
+    let res = st
+        .request(Method::GET, "/orders")
+        .header("accept", NAVIGATION_ACCEPT)
+        .header("cookie", cookie(&live.token))
+        .send()
+        .await
+        .unwrap();
+    assert_identity(&reached(res).await, &live);
+    // A cross-site POST with the cookie stays a 403, however it asks.
+    let res = st
+        .request(Method::POST, "/orders")
+        .header("accept", NAVIGATION_ACCEPT)
+        .header("cookie", cookie(&live.token))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_refused(res, StatusCode::FORBIDDEN, "forbidden").await;
+    assert_eq!(st.upstream.hits(), 1);
+}
+
+/// A page load that cannot be checked (Redis down: sessiongate's 503;
+/// sessiongate unreachable) gets a plain "try again" page with 503 and
+/// Retry-After, never the app; an API request gets the JSON 503 (nginx) or
+/// sessiongate's own (Caddy) or Caddy's bare 502.
+async fn a_page_load_gets_a_try_again_page_when_the_check_is_unavailable(kind: Kind) {
+    async fn assert_try_again(res: Response) {
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let h = res.headers().clone();
+        assert!(
+            h["content-type"].to_str().unwrap().starts_with("text/html"),
+            "{h:?}"
+        );
+        assert_eq!(h["cache-control"], "no-store");
+        assert_eq!(h["retry-after"], "1");
+        let body = res.text().await.unwrap();
+        assert!(body.contains("Try again"), "{body}");
+        assert!(!body.contains(r#""from":"app""#), "{body}");
+    }
+    let st = Stack::start(kind).await;
+    let s = st.app.create("quinn", "laptop").await;
+    let cookie = format!("{}={}", st.app.settings.cookie_name, s.token);
+    st.app.redis.as_ref().unwrap().lock().unwrap().kill9();
+    for path in ["/orders", "/account/email"] {
+        let res = st
+            .request(Method::GET, path)
+            .header("accept", NAVIGATION_ACCEPT)
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_try_again(res).await;
+    }
+    let res = st.get("/orders", &s.token).send().await.unwrap();
+    assert_error(res, StatusCode::SERVICE_UNAVAILABLE, "store_unavailable").await;
+    assert_eq!(st.upstream.hits(), 0);
+
+    // sessiongate unreachable.
+    let upstream = Upstream::start();
+    let closed = format!("127.0.0.1:{}", harness::free_port());
+    let gateway = Gateway::start(kind, &closed, &upstream.address).await;
+    let res = st
+        .app
+        .client
+        .get(gateway.url("/orders"))
+        .header("accept", NAVIGATION_ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    assert_try_again(res).await;
+    let res = st
+        .app
+        .client
+        .get(gateway.url("/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_unavailable(res).await;
+    assert_eq!(upstream.hits(), 0);
 }
 
 // --- sessiongate directly ------------------------------------------------------

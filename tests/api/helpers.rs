@@ -61,6 +61,13 @@ pub fn test_settings(redis_url: &str, overrides: &[(&str, &str)]) -> Settings {
     for (k, v) in overrides {
         env.insert(format!("SESSIONGATE_{k}"), v.to_string());
     }
+    // Sentinel and Cluster mode refuse a REDIS_URL beside them.
+    if overrides
+        .iter()
+        .any(|(k, _)| ["REDIS_SENTINELS", "REDIS_CLUSTER_NODES"].contains(k))
+    {
+        env.remove("SESSIONGATE_REDIS_URL");
+    }
     Settings::load(&|name| env.get(name).cloned()).expect("test settings are valid")
 }
 

@@ -3,6 +3,7 @@
 
 mod helpers;
 mod redis_server;
+mod sentinel;
 
 mod abuse;
 mod admin;
@@ -10,11 +11,13 @@ mod chaos;
 mod cli;
 mod cluster;
 mod console;
+mod failover;
 mod fault_proxy;
 mod faults;
 mod gateway;
 mod health;
 mod input;
+mod jwks;
 mod multi_instance;
 mod policy;
 mod sessions;

@@ -60,6 +60,9 @@ pub struct TestRedis {
     /// Extra command-line arguments given to [`TestRedis::start_with`],
     /// repeated on [`TestRedis::restart`].
     extra_args: Vec<String>,
+    /// Run a copy of the config in the data directory (see
+    /// [`TestRedis::start_with_own_conf`]).
+    own_conf: bool,
     /// Data directory (AOF), `redis.log` and `redis.stdout`; deleted on drop, after the
     /// server is killed (fields drop after `Drop::drop`).
     dir: tempfile::TempDir,
@@ -82,6 +85,18 @@ impl TestRedis {
     /// The server runs `redis.conf --port P --dir D --daemonize no
     /// --logfile D/redis.log --save "" <extra_args…>`.
     pub fn start_with(extra_args: &[&str]) -> TestRedis {
+        TestRedis::start_inner(extra_args, false)
+    }
+
+    /// Like [`TestRedis::start_with`], running a copy of the config file
+    /// kept in the server's own directory: for servers something may
+    /// `CONFIG REWRITE` (Sentinel does, when it reconfigures a node), which
+    /// must never rewrite the repository's `redis.conf`.
+    pub fn start_with_own_conf(extra_args: &[&str]) -> TestRedis {
+        TestRedis::start_inner(extra_args, true)
+    }
+
+    fn start_inner(extra_args: &[&str], own_conf: bool) -> TestRedis {
         let dir = tempfile::Builder::new()
             .prefix("sessiongate-redis-")
             .tempdir()
@@ -90,8 +105,13 @@ impl TestRedis {
             child: None,
             port: 0,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            own_conf,
             dir,
         };
+        if own_conf {
+            fs::copy(config_path(), redis.dir.path().join("redis.conf"))
+                .expect("copy the Redis config");
+        }
         for _ in 0..PORT_ATTEMPTS {
             redis.port = free_port();
             redis.spawn();
@@ -117,6 +137,11 @@ impl TestRedis {
     /// The URL for `SESSIONGATE_REDIS_URL`: `redis://127.0.0.1:PORT/0`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The server's process id, while it runs (for SIGSTOP / SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The server's data directory (holds `appendonlydir/` and `redis.log`).
@@ -196,7 +221,11 @@ impl TestRedis {
 
     /// Spawns `redis-server` with this handle's port, directory and arguments.
     fn spawn(&mut self) {
-        let conf = config_path();
+        let conf = if self.own_conf {
+            self.dir.path().join("redis.conf")
+        } else {
+            config_path()
+        };
         assert!(
             conf.is_file(),
             "Redis config {} not found (set SESSIONGATE_REDIS_CONF to override)",
@@ -355,7 +384,7 @@ type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
 /// ends, even if the handle lives on (a server shared by a whole test binary
 /// through a `static`, or one started from a short-lived helper thread).
 /// Spawning from this thread ties the server's life to the process instead.
-fn spawn_from_long_lived_thread(command: Command) -> io::Result<Child> {
+pub fn spawn_from_long_lived_thread(command: Command) -> io::Result<Child> {
     static SPAWNER: OnceLock<mpsc::Sender<SpawnRequest>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (requests, incoming) = mpsc::channel::<SpawnRequest>();
@@ -381,7 +410,7 @@ fn spawn_from_long_lived_thread(command: Command) -> io::Result<Child> {
 
 /// Connects to 127.0.0.1:`port`, sends `args` as one RESP array and returns
 /// the first reply's raw bytes as text.
-fn send_command(port: u16, args: &[&str], timeout: Duration) -> io::Result<String> {
+pub fn send_command(port: u16, args: &[&str], timeout: Duration) -> io::Result<String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
