@@ -22,6 +22,8 @@
 //! - [`http`]: routes, extractors, handlers, the OpenAPI document.
 //! - [`console`]: the admin console pages under `/admin/`.
 //! - [`timefmt`]: UTC times for people (console, `sessiongate admin`).
+//! - [`whereabouts`]: where a session was used from (client address through
+//!   trusted proxies, bounded user agent, device label).
 
 pub mod config;
 pub mod console;
@@ -37,3 +39,4 @@ pub mod store;
 pub mod telemetry;
 pub mod timefmt;
 pub mod token;
+pub mod whereabouts;
