@@ -127,9 +127,12 @@ async fn verify_inner(
         (a, b) => a.or(b),
     };
     let BearerToken(token) = BearerToken::from_request_parts(req)?;
+    // Where the request came from: worked out only when the touch is due.
+    let (peer, headers, origin) = (req.peer_addr(), req.headers(), &state.origin);
+    let seen = move || origin.seen_of(peer, headers);
     let active = state
         .service
-        .verify(&token, Reauth::Enforce { max_age }, false)
+        .verify_from(&token, Reauth::Enforce { max_age }, false, Some(&seen))
         .await
         .map_err(ApiError::from)?;
     let [user, session, device] = active.token.identity_headers.clone();

@@ -24,3 +24,4 @@ mod sessions;
 mod staleness;
 mod storage;
 mod tokens;
+mod whereabouts;

@@ -4,7 +4,12 @@
 -- per-user operation is a single-slot atomic script (Redis Cluster ready):
 --   field "!u"        -> the user id (guards against a tag collision)
 --   field <22 chars>  -> a session record, MessagePack array:
---       {created_ms, last_seen_ms, auth_time_ms, expires_ms, device_id, metadata_json}
+--       {created_ms, last_seen_ms, auth_time_ms, expires_ms, device_id, metadata_json,
+--        epoch, last_ip, last_user_agent}
+--     elements 8 and 9 (strings, "" when unknown) are written only by the
+--     touch (touch.lua), so a record the touch never slid has 6 or 7;
+--     every reader tolerates their absence. (7 `epoch` is the logout-all
+--     helper's; the touch writes 0 there when it is absent.)
 -- All times come from Redis TIME, so every instance shares one clock.
 --
 -- Every script's last ARGV is a nonce, unique per call, and every reply
