@@ -112,10 +112,13 @@ pub fn decode(blob: &[u8]) -> Result<Record<'_>, String> {
     })
 }
 
+/// `(last_ip, last_user_agent)`, borrowed from the record.
+pub type LastSeen<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
 /// Elements 8 and 9 of a record (`last_ip`, `last_user_agent`), written by
 /// the touch; `None` for a record that has not got them (or has "").
 /// Kept apart from [`decode`] so the hot path never reads them.
-pub fn whereabouts(blob: &[u8]) -> Result<(Option<&[u8]>, Option<&[u8]>), String> {
+pub fn whereabouts(blob: &[u8]) -> Result<LastSeen<'_>, String> {
     let mut r = Reader { buf: blob, at: 0 };
     let n = r.array_len()?;
     if n < 9 {
