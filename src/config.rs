@@ -135,6 +135,8 @@ pub struct Settings {
     pub reauth_after: Duration,
     pub max_sessions_per_user: u32,
     pub touch_interval: Duration,
+    /// The near-cache's bound (0: off, the default).
+    pub near_cache_ttl: Duration,
     pub console_session_ttl: Duration,
     pub log_level: String,
     pub log_format: LogFormat,
@@ -567,6 +569,13 @@ impl Layers {
             reauth_after: positive("reauth_after")?,
             max_sessions_per_user: self.integer("max_sessions_per_user", 1, 10_000)? as u32,
             touch_interval: positive("touch_interval")?,
+            near_cache_ttl: {
+                let d = self.duration("near_cache_ttl")?;
+                if d > Duration::from_secs(60) {
+                    return Err(self.err("near_cache_ttl", "must be at most 60s"));
+                }
+                d
+            },
             console_session_ttl: {
                 let ttl = positive("console_session_ttl")?;
                 if ttl > Duration::from_secs(86_400) {

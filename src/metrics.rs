@@ -17,6 +17,9 @@ pub const REDIS_POOL: &str = "sessiongate_redis_pool_connections";
 pub const SESSIONS_CREATED_TOTAL: &str = "sessiongate_sessions_created_total";
 pub const SESSIONS_REVOKED_TOTAL: &str = "sessiongate_sessions_revoked_total";
 pub const STATE_AGE_SECONDS: &str = "sessiongate_global_state_age_seconds";
+pub const NEAR_CACHE_UP: &str = "sessiongate_near_cache_up";
+pub const NEAR_CACHE_ENTRIES: &str = "sessiongate_near_cache_entries";
+pub const NEAR_CACHE_HITS_TOTAL: &str = "sessiongate_near_cache_hits_total";
 
 /// Outcomes of `/v1/verify`, the values of its `result` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +65,9 @@ pub struct Metrics {
     pub sessions_created: IntCounter,
     pub sessions_revoked: IntCounterVec,
     pub state_age: prometheus::Gauge,
+    pub near_cache_up: prometheus::IntGauge,
+    pub near_cache_entries: prometheus::IntGauge,
+    pub near_cache_hits: IntCounter,
 }
 
 impl Metrics {
@@ -120,8 +126,24 @@ impl Metrics {
             "Age of the cached global state (key ring, logout-all cutoff).",
         )
         .expect("valid metric");
+        let near_cache_up = prometheus::IntGauge::new(
+            NEAR_CACHE_UP,
+            "Whether the near-cache may serve (1): it is on and its invalidation connection answered a ping within the bound.",
+        )
+        .expect("valid metric");
+        let near_cache_entries =
+            prometheus::IntGauge::new(NEAR_CACHE_ENTRIES, "Session records in the near-cache.")
+                .expect("valid metric");
+        let near_cache_hits = IntCounter::new(
+            NEAR_CACHE_HITS_TOTAL,
+            "Verifies answered from the near-cache, without Redis.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(verify_total) as Box<dyn prometheus::core::Collector>,
+            Box::new(near_cache_up.clone()),
+            Box::new(near_cache_entries.clone()),
+            Box::new(near_cache_hits.clone()),
             Box::new(verify_seconds.clone()),
             Box::new(redis_errors.clone()),
             Box::new(reply_mismatch.clone()),
@@ -144,6 +166,9 @@ impl Metrics {
             sessions_created,
             sessions_revoked,
             state_age,
+            near_cache_up,
+            near_cache_entries,
+            near_cache_hits,
         }
     }
 

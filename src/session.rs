@@ -104,9 +104,10 @@ pub struct SessionService {
     codec: TokenCodec,
     policy: Policy,
     metrics: Arc<Metrics>,
-    /// The highest cutoff a purge was asked for, and whether one runs: one
-    /// purge at a time, which finishes with the latest cutoff.
+    /// The highest epoch (and cutoff) a purge was asked for, and whether
+    /// one runs: one purge at a time, which finishes with the latest epoch.
     purge_target: std::sync::atomic::AtomicI64,
+    purge_cutoff: std::sync::atomic::AtomicI64,
     purge_running: std::sync::atomic::AtomicBool,
     /// `logout_all_purge_delay`: how long a purge waits before it starts.
     purge_delay: Duration,
@@ -146,6 +147,7 @@ impl SessionService {
             global,
             metrics,
             purge_target: std::sync::atomic::AtomicI64::new(0),
+            purge_cutoff: std::sync::atomic::AtomicI64::new(0),
             purge_running: std::sync::atomic::AtomicBool::new(false),
             purge_delay: settings.logout_all_purge_delay,
             foreign_kids: std::sync::Mutex::new(HashSet::new()),
@@ -168,6 +170,7 @@ impl SessionService {
         Liveness {
             idle_ms: self.policy.idle.as_millis() as i64,
             cutoff_ms: state.cutoff_ms,
+            epoch: state.epoch,
         }
     }
 
@@ -187,33 +190,58 @@ impl SessionService {
                 ));
             }
         }
-        let state = self.global.snapshot()?;
+        let mut state = self.global.snapshot()?;
         let device = req.device.unwrap_or_else(DeviceId::random);
-        let session = SessionId::generate(&req.user.tag());
-        let created = self
-            .store
-            .create(
-                NewSession {
-                    user: &req.user,
-                    session: &session,
-                    device: &device,
-                    auth_time_ms: req.auth_time.map(|t| t * 1000),
-                    metadata: req.metadata.as_stored(),
-                    absolute_ms: self.policy.absolute.as_millis() as i64,
-                    max_per_user: self.policy.max_per_user,
-                },
-                self.liveness(&state),
-            )
-            .await?;
+        let mut attempts = 0;
+        let (session, created) = loop {
+            attempts += 1;
+            let session = SessionId::generate(&req.user.tag());
+            let created = self
+                .store
+                .create(
+                    NewSession {
+                        user: &req.user,
+                        session: &session,
+                        device: &device,
+                        auth_time_ms: req.auth_time.map(|t| t * 1000),
+                        metadata: req.metadata.as_stored(),
+                        absolute_ms: self.policy.absolute.as_millis() as i64,
+                        max_per_user: self.policy.max_per_user,
+                    },
+                    self.liveness(&state),
+                )
+                .await?;
+            if created.evicted > 0 {
+                self.metrics
+                    .revoked("evicted_over_cap", created.evicted as u64);
+            }
+            if created.replaced > 0 {
+                self.metrics
+                    .revoked("replaced_same_device", created.replaced as u64);
+            }
+            // The record carries the epoch this instance knew. Read after
+            // the record was stored: if a logout-all raised the epoch past
+            // it (one not heard of here yet, or one racing this login), the
+            // record is dead on arrival and its token would never verify.
+            // Learn the new state and store the login once more (the dead
+            // record goes with the next create's pruning or the purge);
+            // twice in a row, give up (503, safe to retry).
+            match self.store.read_epoch().await? {
+                Some(current) if current <= state.epoch => break (session, created),
+                _ if attempts < 2 => {
+                    self.global.refresh(&self.store).await?;
+                    state = self.global.snapshot()?;
+                }
+                _ => {
+                    return Err(ServiceError::Store(StoreError::Refused(
+                        "a logout-all landed during this login twice; nothing usable was \
+                         stored, retry"
+                            .into(),
+                    )));
+                }
+            }
+        };
         self.metrics.sessions_created.inc();
-        if created.evicted > 0 {
-            self.metrics
-                .revoked("evicted_over_cap", created.evicted as u64);
-        }
-        if created.replaced > 0 {
-            self.metrics
-                .revoked("replaced_same_device", created.replaced as u64);
-        }
         let claims = Claims {
             sub: req.user.as_str().to_string(),
             sid: session.as_str().to_string(),
@@ -318,6 +346,8 @@ impl SessionService {
             Reauth::Ignore => (-1, None),
         };
         let max_auth_age_ms = limit_s.map_or(-1, |s| (s as i64).saturating_mul(1000));
+        // A new cutoff or key ring flushes the near-cache (if on) at once.
+        self.store.observe_state(state.id());
         let live = self
             .store
             .verify(
@@ -404,15 +434,19 @@ impl SessionService {
     }
 
     /// Revokes every session created up to now (or up to `at_ms`), here at
-    /// once and on other instances within `state_refresh_interval`. Records
-    /// are then purged in the background, in bounded batches.
+    /// once and on other instances within `state_refresh_interval`: the
+    /// epoch rises (and the cutoff), and a record stamped with an older
+    /// epoch is dead whatever the nodes' clocks say. Records are then purged
+    /// in the background, in bounded batches, on every primary.
     pub async fn logout_all(self: &Arc<Self>, at_ms: Option<i64>) -> Result<i64, ServiceError> {
         let started = std::time::Instant::now();
         let record = self.store.global(GlobalOp::Cutoff { at_ms }).await?;
-        let cutoff = record.cutoff_ms;
+        let (cutoff, epoch) = (record.cutoff_ms, record.epoch);
         self.global.apply(record, started)?;
+        self.flush_near_cache();
         self.metrics.revoked("logout_all", 0);
-        self.purge_target.fetch_max(cutoff, Ordering::SeqCst);
+        self.purge_cutoff.fetch_max(cutoff, Ordering::SeqCst);
+        self.purge_target.fetch_max(epoch, Ordering::SeqCst);
         if !self.purge_running.swap(true, Ordering::SeqCst) {
             let this = Arc::clone(self);
             tokio::spawn(async move { this.purge_loop().await });
@@ -420,8 +454,8 @@ impl SessionService {
         Ok(cutoff)
     }
 
-    /// Purges up to the latest requested cutoff, again while a later
-    /// logout-all raised it meanwhile; one loop at a time.
+    /// Purges up to the latest requested epoch (and cutoff), again while a
+    /// later logout-all raised it meanwhile; one loop at a time.
     async fn purge_loop(self: Arc<Self>) {
         let mut done = 0;
         loop {
@@ -442,13 +476,14 @@ impl SessionService {
                 }
                 return;
             }
-            // Judge liveness by time alone, so the purge counts the sessions
-            // this cutoff revoked (they are all dead under the new cutoff).
+            // Every record this epoch and cutoff kill; the count is of those
+            // alive by time alone (the sessions the logout-all revoked).
             let live = Liveness {
                 idle_ms: self.policy.idle.as_millis() as i64,
-                cutoff_ms: 0,
+                cutoff_ms: self.purge_cutoff.load(Ordering::SeqCst),
+                epoch: target,
             };
-            match self.store.purge_before(target, live).await {
+            match self.store.purge(live).await {
                 Ok(n) => {
                     self.metrics.revoked("logout_all", n);
                     tracing::info!(purged = n, "logout-all purge finished");
@@ -474,7 +509,16 @@ impl SessionService {
             })
             .await?;
         self.global.apply(record, started)?;
+        self.flush_near_cache();
         Ok(kid)
+    }
+
+    /// After a logout-all or a rotation here: the near-cache (if on) holds
+    /// nothing read under the previous state.
+    fn flush_near_cache(&self) {
+        if let Ok(state) = self.global.snapshot() {
+            self.store.observe_state(state.id());
+        }
     }
 
     /// Signs `claims` with the active kid's Ed25519 key: a compact JWS that

@@ -61,11 +61,9 @@ impl Application {
     ) -> Result<Application, StartupError> {
         let port = listener.local_addr()?.port();
         let metrics = Arc::new(Metrics::new());
-        let store = Arc::new(Store::from_settings(
-            &settings,
-            settings.redis_pool_size,
-            metrics.clone(),
-        )?);
+        let mut store = Store::from_settings(&settings, settings.redis_pool_size, metrics.clone())?;
+        let near_cache = store.enable_near_cache(settings.near_cache_ttl);
+        let store = Arc::new(store);
         let global = Arc::new(Global::new(
             settings.signing_secret.clone(),
             settings.jwt_algorithm,
@@ -81,7 +79,7 @@ impl Application {
         if let Err(e) = store.check_durability(true).await {
             tracing::warn!(error = %e, "cannot check Redis's durability settings at start");
         }
-        let background = vec![
+        let mut background = vec![
             tokio::spawn(
                 global
                     .clone()
@@ -90,6 +88,9 @@ impl Application {
             tokio::spawn(global.clone().run_listener(store.clone())),
             tokio::spawn(store.clone().run_topology_watch()),
         ];
+        if let Some(invalidations) = near_cache {
+            background.push(tokio::spawn(invalidations));
+        }
         let service = Arc::new(SessionService::new(
             &settings,
             store,
@@ -212,6 +213,40 @@ impl RequestIds {
             }
         }
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix)).expect("ASCII id")
+        // "<prefix>-<n in hex>" built on the stack (no formatting machinery,
+        // one allocation: the header's own bytes).
+        let mut buf = [0u8; 32];
+        let p = self.prefix.len().min(8);
+        buf[..p].copy_from_slice(&self.prefix.as_bytes()[..p]);
+        buf[p] = b'-';
+        let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+        for i in 0..digits {
+            let nibble = ((n >> (4 * (digits - 1 - i))) & 0xf) as usize;
+            buf[p + 1 + i] = b"0123456789abcdef"[nibble];
+        }
+        HeaderValue::from_bytes(&buf[..p + 1 + digits]).expect("ASCII id")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_the_prefix_and_a_hex_counter() {
+        let ids = RequestIds {
+            prefix: "0a1b2c3d".into(),
+            counter: AtomicU64::new(0),
+        };
+        for want in ["0a1b2c3d-0", "0a1b2c3d-1"] {
+            assert_eq!(ids.next_for(None), want);
+        }
+        ids.counter.store(0xfeed, Ordering::Relaxed);
+        assert_eq!(ids.next_for(None), "0a1b2c3d-feed");
+        ids.counter.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(ids.next_for(None), "0a1b2c3d-ffffffffffffffff");
+        // A well-formed id from the caller is kept.
+        let given = HeaderValue::from_static("abc-123");
+        assert_eq!(ids.next_for(Some(&given)), "abc-123");
     }
 }

@@ -1,5 +1,5 @@
-//! The global state every instance caches: the signing key ring and the
-//! logout-all cutoff. It lives in one small Redis hash; each instance keeps a
+//! The global state every instance caches: the signing key ring, the
+//! logout-all epoch and the cutoff (`revoke-before`). It lives in one small Redis hash; each instance keeps a
 //! copy, refreshed when a change is announced on the events channel
 //! (pub/sub) and, as a fallback, every `state_refresh_interval`.
 //!
@@ -20,12 +20,14 @@ use jsonwebtoken::Algorithm;
 use tokio::sync::Notify;
 
 use crate::config::Secret;
-use crate::store::{GlobalOp, GlobalRecord, RedisClock, Store, StoreError};
+use crate::store::{GlobalOp, GlobalRecord, RedisClock, Store, StoreError, StoredGlobal};
 use crate::token::{KeyRing, new_kid};
 
 /// One consistent copy of the global state.
 pub struct GlobalState {
     pub cutoff_ms: i64,
+    /// The logout-all epoch (only rises; see `store/lua/global.lua`).
+    pub epoch: i64,
     pub ring: Arc<KeyRing>,
     ring_json: String,
     /// When the read that produced this copy was sent.
@@ -33,6 +35,14 @@ pub struct GlobalState {
     /// Redis's clock, read by the newest read (see [`RedisClock`]): what
     /// verify judges a record's deadlines by. As fresh as the copy.
     pub clock: RedisClock,
+}
+
+impl GlobalState {
+    /// Changes when the cutoff or the key ring does (the near-cache is
+    /// flushed then).
+    pub fn id(&self) -> u64 {
+        (self.cutoff_ms as u64) ^ (Arc::as_ptr(&self.ring) as u64).rotate_left(32)
+    }
 }
 
 pub struct Global {
@@ -78,7 +88,7 @@ impl Global {
 
     /// Whether an answer computed with the copy `used` may still be given
     /// now: `used` is still within `state_max_staleness`, or the current
-    /// copy is and holds the same cutoff. A verify checks this after its
+    /// copy is and holds the same cutoff and epoch. A verify checks this after its
     /// Redis call, so the call's own duration (up to `redis_timeout`)
     /// counts against the bound: a session created before a logout-all is
     /// never confirmed later than `state_max_staleness` after it, even when
@@ -88,7 +98,9 @@ impl Global {
             return Ok(());
         }
         match self.snapshot() {
-            Ok(current) if current.cutoff_ms == used.cutoff_ms => Ok(()),
+            Ok(current) if current.cutoff_ms == used.cutoff_ms && current.epoch == used.epoch => {
+                Ok(())
+            }
             _ => Err(StoreError::Timeout(self.max_age)),
         }
     }
@@ -99,7 +111,7 @@ impl Global {
     }
 
     /// Installs a state read from Redis at `fetched_at`. A copy never moves
-    /// backwards: the cutoff only rises.
+    /// backwards: the cutoff and the epoch only rise.
     pub fn apply(&self, record: GlobalRecord, fetched_at: Instant) -> Result<(), StoreError> {
         if record.now_ms <= 0 {
             return Err(StoreError::Protocol(
@@ -133,6 +145,9 @@ impl Global {
             let cutoff_ms = current
                 .as_ref()
                 .map_or(record.cutoff_ms, |c| c.cutoff_ms.max(record.cutoff_ms));
+            let epoch = current
+                .as_ref()
+                .map_or(record.epoch, |c| c.epoch.max(record.epoch));
             let newer = current.as_ref().is_none_or(|c| fetched_at >= c.fetched_at);
             let (ring, ring_json, clock) = match current {
                 Some(c) if !newer => (c.ring.clone(), c.ring_json.clone(), c.clock),
@@ -143,6 +158,7 @@ impl Global {
                 .map_or(fetched_at, |c| c.fetched_at.max(fetched_at));
             Some(Arc::new(GlobalState {
                 cutoff_ms,
+                epoch,
                 ring,
                 ring_json,
                 fetched_at: fetched,
@@ -156,19 +172,29 @@ impl Global {
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
         let started = Instant::now();
         let record = match store.read_global().await? {
-            (Some(cutoff_ms), Some(ring_json), now_ms) => GlobalRecord {
+            StoredGlobal {
+                cutoff_ms: Some(cutoff_ms),
+                ring_json: Some(ring_json),
+                epoch: Some(epoch),
+                now_ms,
+            } => GlobalRecord {
                 cutoff_ms,
                 ring_json,
                 now_ms,
+                epoch,
             },
             _ => {
                 tracing::warn!(
-                    "global state missing in Redis: initialising it (new key id, cutoff now)"
+                    "global state missing in Redis: initialising what is missing (new key id, cutoff and epoch now)"
                 );
                 store.global(GlobalOp::Init { kid: &new_kid() }).await?
             }
         };
-        self.apply(record, started)
+        self.apply(record, started)?;
+        if let Some(state) = self.current.load().as_ref() {
+            store.observe_state(state.id());
+        }
+        Ok(())
     }
 
     /// Re-reads the state for a request that began at `since` and met a
@@ -271,6 +297,7 @@ mod mutation_tests {
             cutoff_ms,
             ring_json: ring(active),
             now_ms: 1,
+            epoch: cutoff_ms,
         }
     }
 
@@ -335,13 +362,16 @@ mod mutation_tests {
             .unwrap();
         g.apply(record(3_000, "k1"), Instant::now()).unwrap();
         assert_eq!(g.snapshot().unwrap().cutoff_ms, 5_000);
+        assert_eq!(g.snapshot().unwrap().epoch, 5_000);
         g.apply(record(9_000, "k1"), ago(Duration::from_secs(5)))
             .unwrap();
         assert_eq!(g.snapshot().unwrap().cutoff_ms, 9_000);
+        assert_eq!(g.snapshot().unwrap().epoch, 9_000);
         let bad = GlobalRecord {
             cutoff_ms: 10_000,
             ring_json: r#"{"active":"k9","keys":[]}"#.into(),
             now_ms: 1,
+            epoch: 10_000,
         };
         assert!(matches!(
             g.apply(bad, Instant::now()),

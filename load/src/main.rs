@@ -146,6 +146,13 @@ pub struct RunArgs {
     /// no grace anywhere.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub logout_all_grace: Duration,
+    /// How long B may still accept a token after its logout or
+    /// force-logout on A: 0 (the default: sessiongate confirms every verify
+    /// in Redis), or the near-cache's bound when B runs with
+    /// SESSIONGATE_NEAR_CACHE_TTL. Acceptances after a revocation are
+    /// measured either way (`acceptance_after_revocation_us`).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub revocation_grace: Duration,
     /// Revocation scenario: revocation kinds, in turn.
     #[arg(long, default_value = "logout,force-logout,logout-all")]
     pub kinds: String,

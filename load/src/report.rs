@@ -267,12 +267,22 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(t);
     let _ = writeln!(
         t,
-        "safety: {} violation(s) in {} accepted token requests checked; {} accepted by another instance inside the {} ms logout-all window",
+        "safety: {} violation(s) in {} accepted token requests checked; {} accepted by another instance inside the {} ms logout-all window, {} inside the {} ms logout/force-logout window",
         s["violations"],
         s["accepted_checked"],
         s["accepted_within_logout_all_grace"],
         s["logout_all_grace_ms"],
+        s["accepted_within_revocation_grace"],
+        s["revocation_grace_ms"],
     );
+    let after = &s["acceptance_after_revocation_us"];
+    if after["count"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            t,
+            "acceptance after revocation (ack -> request sent, µs): {} accepted, p50 {}, p99 {}, max {}",
+            after["count"], after["p50"], after["p99"], after["max"],
+        );
+    }
     let _ = writeln!(
         t,
         "answers: {} 5xx (allowed {}); {} refusal(s) of a live token in {} refusals checked (allowed 0); {} unexpected status(es)",

@@ -151,7 +151,8 @@ pub async fn run(
         probe_timeout: args.probe_timeout,
         clock: Clock::start(),
         table: Table::new(),
-        safety: Safety::new(args.logout_all_grace.as_nanos() as u64),
+        safety: Safety::new(args.logout_all_grace.as_nanos() as u64)
+            .with_revocation_grace(args.revocation_grace.as_nanos() as u64),
         issuer,
         admin,
         metadata: args.metadata.clone(),

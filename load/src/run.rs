@@ -239,7 +239,8 @@ pub async fn run(args: RunArgs, threads: usize) -> Result<(), Failure> {
         clock: Clock::start(),
         rotate: table.len(),
         table,
-        safety: Safety::new(args.logout_all_grace.as_nanos() as u64),
+        safety: Safety::new(args.logout_all_grace.as_nanos() as u64)
+            .with_revocation_grace(args.revocation_grace.as_nanos() as u64),
         revoked: Mutex::new(Vec::new()),
         issuer,
         admin,

@@ -433,6 +433,14 @@ struct WrongRefusal {
 pub struct Safety {
     /// Cross-instance propagation window allowed for logout-all.
     grace_ns: u64,
+    /// The same for logout and force-logout (0 unless the instances run a
+    /// near-cache with a stated bound: `--revocation-grace`).
+    revocation_grace_ns: u64,
+    within_revocation_grace: AtomicU64,
+    /// µs from a revocation's acknowledgement to the sending of each
+    /// request bearing a revoked token that was nevertheless accepted
+    /// (inside a grace window or not): acceptance after revocation.
+    after_revocation: Mutex<hdrhistogram::Histogram<u64>>,
     logout_alls: RwLock<Vec<LogoutAllMark>>,
     n_logout_alls: AtomicUsize,
     /// When the logout-all in flight was sent (`NEVER`: none).
@@ -453,6 +461,9 @@ impl Safety {
     pub fn new(grace_ns: u64) -> Safety {
         Safety {
             grace_ns,
+            revocation_grace_ns: 0,
+            within_revocation_grace: AtomicU64::new(0),
+            after_revocation: Mutex::new(crate::stats::new_hist()),
             logout_alls: RwLock::new(Vec::new()),
             n_logout_alls: AtomicUsize::new(0),
             pending_logout_all: AtomicU64::new(NEVER),
@@ -465,6 +476,13 @@ impl Safety {
             examples: Mutex::new(Vec::new()),
             refusal_examples: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Allows another instance than the revoking one (A) to accept a token
+    /// up to `ns` after its logout or force-logout was acknowledged.
+    pub fn with_revocation_grace(mut self, ns: u64) -> Safety {
+        self.revocation_grace_ns = ns;
+        self
     }
 
     /// A logout-all is about to be sent (call before taking its send instant).
@@ -493,7 +511,9 @@ impl Safety {
         let r = slot.revoked_ns.load(Ordering::Acquire);
         if r <= at_ns {
             let kind = Kind::from_u8(slot.kind.load(Ordering::Acquire)).unwrap_or(Kind::Logout);
-            return Some((kind, r, false));
+            // Revocations are made on A (instance 0).
+            let grace = instance != 0 && at_ns - r < self.revocation_grace_ns;
+            return Some((kind, r, grace));
         }
         if self.n_logout_alls.load(Ordering::Acquire) == 0 {
             return None;
@@ -515,10 +535,20 @@ impl Safety {
     pub fn accepted(&self, table: &Table, idx: usize, sent_ns: u64, instance: u8, op: Op) {
         self.accepted_checked.fetch_add(1, Ordering::Relaxed);
         let Some(slot) = table.slot(idx) else { return };
-        match self.revocation(slot, sent_ns, instance) {
+        let found = self.revocation(slot, sent_ns, instance);
+        if let Some((_, acked_ns, _)) = found {
+            self.after_revocation
+                .lock()
+                .expect("not poisoned")
+                .saturating_record((sent_ns - acked_ns) / 1000);
+        }
+        match found {
             None => {}
-            Some((_, _, true)) => {
+            Some((Kind::LogoutAll, _, true)) => {
                 self.within_grace.fetch_add(1, Ordering::Relaxed);
+            }
+            Some((_, _, true)) => {
+                self.within_revocation_grace.fetch_add(1, Ordering::Relaxed);
             }
             Some((kind, acked_ns, false)) => {
                 self.violations.fetch_add(1, Ordering::Relaxed);
@@ -665,6 +695,12 @@ impl Safety {
             "accepted_checked": self.accepted_checked.load(Ordering::Acquire),
             "accepted_within_logout_all_grace": self.within_grace.load(Ordering::Acquire),
             "logout_all_grace_ms": self.grace_ns as f64 / 1e6,
+            "accepted_within_revocation_grace": self.within_revocation_grace.load(Ordering::Acquire),
+            "revocation_grace_ms": self.revocation_grace_ns as f64 / 1e6,
+            // µs from the acknowledgement to the request's sending.
+            "acceptance_after_revocation_us": crate::stats::latency_json(
+                &self.after_revocation.lock().expect("not poisoned"),
+            ),
             "wrong_refusals": self.wrong_refusals(),
             "refusals_checked": self.refusals_checked.load(Ordering::Acquire),
             "examples": examples,
@@ -734,6 +770,24 @@ mod tests {
         assert_eq!(s.violations(), 0);
         s.accepted(&t, a, 200, 1, Op::Verify);
         assert_eq!(s.violations(), 1);
+    }
+
+    #[test]
+    fn a_revocation_grace_spares_other_instances_only_and_is_measured() {
+        let t = Table::new();
+        let s = Safety::new(0).with_revocation_grace(1_000_000);
+        let a = t.push(info("a"), 0).unwrap();
+        t.slot(a).unwrap().revoke(200, Kind::Logout);
+        s.accepted(&t, a, 200 + 500_000, 1, Op::VerifyB); // B, inside: counted apart
+        assert_eq!(s.violations(), 0);
+        s.accepted(&t, a, 200 + 1_000_000, 1, Op::VerifyB); // B, at the bound: violation
+        assert_eq!(s.violations(), 1);
+        s.accepted(&t, a, 300, 0, Op::VerifyA); // A: no grace
+        assert_eq!(s.violations(), 2);
+        let j = s.to_json();
+        assert_eq!(j["accepted_within_revocation_grace"], 1);
+        assert_eq!(j["acceptance_after_revocation_us"]["count"], 3);
+        assert_eq!(j["acceptance_after_revocation_us"]["max"], 1_000);
     }
 
     #[test]

@@ -146,6 +146,14 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
     // The hot path first, as a static path (matched by comparison, not by
     // the router's regex engine); the `{tail}` form right after.
     .service(web::resource("/v1/verify").route(web::route().to(verify::verify)))
+    // The liveness probe next (polled often; matched before the
+    // `{tail}` regex and the other dynamic routes).
+    .service(
+        web::resource("/healthz")
+            .route(web::get().to(health::healthz))
+            .route(web::head().to(health::healthz))
+            .default_service(not_allowed("GET, HEAD")),
+    )
     .service(web::resource("/v1/verify/{tail:.*}").route(web::route().to(verify::verify_tail)))
     .service(
         web::resource("/v1/sessions")
@@ -200,12 +208,6 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
         web::resource("/v1/introspect")
             .route(web::post().to(introspect::introspect))
             .default_service(not_allowed("POST")),
-    )
-    .service(
-        web::resource("/healthz")
-            .route(web::get().to(health::healthz))
-            .route(web::head().to(health::healthz))
-            .default_service(not_allowed("GET, HEAD")),
     )
     .service(
         web::resource("/readyz")

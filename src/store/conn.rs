@@ -12,7 +12,8 @@
 //! one per request.
 //!
 //! Bulk work (the logout-all purge, `CONFIG GET`) uses the deadpool-redis
-//! pool, bounded in size and time, so it never queues ahead of verifies.
+//! pool, bounded in size and time, so it never queues ahead of verifies (in
+//! Cluster mode the purge opens a cluster connection of its own instead).
 //! Pub/sub opens its own connection per subscription.
 //!
 //! Every call is bounded by the timeout: pool wait, connect and reply.
@@ -315,6 +316,16 @@ impl ConnectionLayer {
     }
 
     /// Redis Cluster mode.
+    /// Where the request path connects, with a single Redis (the
+    /// near-cache's invalidation connection goes to the same one); `None`
+    /// with Sentinel or Cluster.
+    pub(super) fn single_connection_info(&self) -> Option<redis::ConnectionInfo> {
+        match &self.target {
+            Target::Single(client) => Some(client.get_connection_info().clone()),
+            _ => None,
+        }
+    }
+
     /// The bound on every call.
     pub(super) fn timeout(&self) -> Duration {
         self.timeout
@@ -554,6 +565,21 @@ impl ConnectionLayer {
                 BulkPool::Sentinel(p) => p.get().await.map(Pooled::Sentinel),
             }
             .map_err(|e| StoreError::Connection(e.to_string()))
+        })
+        .await
+    }
+
+    /// Redis Cluster mode: a connection of its own for bulk work (the
+    /// purge), within the timeout, never one of the request path's.
+    pub(super) async fn cluster_bulk(&self) -> Result<ClusterConnection, StoreError> {
+        let Target::Cluster(cluster) = &self.target else {
+            return Err(StoreError::Connection("not in Redis Cluster mode".into()));
+        };
+        self.bounded(async {
+            cluster
+                .get_async_connection()
+                .await
+                .map_err(|e| StoreError::from_redis(&e))
         })
         .await
     }

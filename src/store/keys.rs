@@ -3,7 +3,7 @@
 //! | key / channel              | type    | holds                                    | TTL                     |
 //! |----------------------------|---------|------------------------------------------|-------------------------|
 //! | `<prefix>u{<user tag>}`    | hash    | `!u` = user id; one field per session    | latest session deadline |
-//! | `<prefix>global`           | hash    | `cutoff` (ms), `ring` (key ids, JSON)    | none (small, global)    |
+//! | `<prefix>global`           | hash    | `cutoff` (ms), `epoch`, `ring` (JSON)    | none (small, global)    |
 //! | `<prefix>events`           | channel | "state changed": re-read `global`        | —                       |
 //!
 //! The user tag is base64url(SHA-256(user id)[..16]), so a user id never

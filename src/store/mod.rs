@@ -16,16 +16,19 @@
 
 mod conn;
 pub mod keys;
+pub mod near_cache;
 pub mod record;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{FromRedisValue, Script, Value};
 
-use conn::ConnectionLayer;
 pub use conn::Topology;
+use conn::{ConnectionLayer, Pooled};
 
 use crate::domain::{DeviceId, SessionId, UserId, UserTag};
 use crate::metrics::Metrics;
@@ -164,8 +167,11 @@ pub struct LiveSession {
 #[derive(Debug, Clone, Copy)]
 pub struct Liveness {
     pub idle_ms: i64,
-    /// Sessions created at or before this are revoked (logout-all).
+    /// Sessions created at or before this are revoked (`revoke-before`).
     pub cutoff_ms: i64,
+    /// Sessions stamped with an older logout-all epoch are revoked; a create
+    /// stamps this one.
+    pub epoch: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -197,8 +203,8 @@ pub enum Revoke<'a> {
     AllExcept(Option<&'a str>),
     /// Every session on this device.
     Device(&'a str),
-    /// Every session created at or before this time (ms).
-    CreatedBefore(i64),
+    /// Every session the given liveness kills (the logout-all purge).
+    Dead,
 }
 
 /// Operations on the global state hash.
@@ -218,6 +224,18 @@ pub struct GlobalRecord {
     pub cutoff_ms: i64,
     pub ring_json: String,
     pub now_ms: i64,
+    /// The logout-all epoch (see `lua/global.lua`).
+    pub epoch: i64,
+}
+
+/// The global state as read by [`Store::read_global`]; `None` where missing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoredGlobal {
+    pub cutoff_ms: Option<i64>,
+    pub ring_json: Option<String>,
+    pub epoch: Option<i64>,
+    /// Redis's clock at the read (ms), for [`RedisClock`].
+    pub now_ms: i64,
 }
 
 struct Scripts {
@@ -228,6 +246,7 @@ struct Scripts {
     list: Script,
     global: Script,
     read: Script,
+    epoch: Script,
     probe: Script,
 }
 
@@ -249,6 +268,8 @@ pub struct Store {
     keys: KeySchema,
     scripts: Scripts,
     metrics: Arc<Metrics>,
+    /// The opt-in near-cache ([`near_cache`]); `None`: every verify reads Redis.
+    near: Option<Arc<near_cache::NearCache>>,
 }
 
 impl Store {
@@ -317,10 +338,54 @@ impl Store {
                 list: script!("list.lua"),
                 global: script!("global.lua"),
                 read: Script::new(include_str!("lua/read.lua")),
+                epoch: Script::new(include_str!("lua/epoch.lua")),
                 probe: Script::new(include_str!("lua/probe.lua")),
             },
             metrics,
+            near: None,
         })
+    }
+
+    /// Turns the near-cache on (`ttl` > 0; a single Redis only, not with
+    /// Sentinel or Cluster) and returns its invalidation task, to be spawned.
+    pub fn enable_near_cache(
+        &mut self,
+        ttl: Duration,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        if ttl.is_zero() {
+            return None;
+        }
+        let Some(info) = self.conn.single_connection_info() else {
+            tracing::warn!(
+                "near_cache_ttl is ignored with Redis Sentinel or Cluster: every verify reads Redis"
+            );
+            return None;
+        };
+        let cache = Arc::new(near_cache::NearCache::new(ttl, self.metrics.clone()));
+        self.near = Some(cache.clone());
+        Some(near_cache::run_invalidations(
+            cache,
+            info,
+            self.keys.prefix().to_string(),
+            self.conn.timeout(),
+        ))
+    }
+
+    /// Drops this instance's near-cache entries of a user hash it just
+    /// wrote (its own writes are seen at once, not when Redis's
+    /// invalidation comes back).
+    fn forget_locally(&self, key: &str) {
+        if let Some(near) = &self.near {
+            near.invalidate([key.as_bytes()]);
+        }
+    }
+
+    /// Flushes the near-cache when the global state it was filled under
+    /// changed (a logout-all, a key rotation).
+    pub fn observe_state(&self, state_id: u64) {
+        if let Some(near) = &self.near {
+            near.observe_state(state_id);
+        }
     }
 
     pub fn keys(&self) -> &KeySchema {
@@ -378,7 +443,17 @@ impl Store {
             let reply = self
                 .conn
                 .call(
-                    |mut conn| async move { evalsha_loading(&mut conn, script, cmd).await },
+                    |mut conn| async move {
+                        match evalsha_loading(&mut conn, script, cmd).await {
+                            Err(e)
+                                if e.kind()
+                                    == redis::ErrorKind::Server(redis::ServerErrorKind::Ask) =>
+                            {
+                                follow_ask(conn, script, cmd, &e).await
+                            }
+                            other => other,
+                        }
+                    },
                     |reply: &Vec<Value>| is_nonce(reply.first(), nonce),
                 )
                 .await?;
@@ -438,35 +513,29 @@ impl Store {
     ) -> Result<Option<LiveSession>, StoreError> {
         let started = std::time::Instant::now();
         let key = self.keys.user_of(session);
-        let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
-        let mut pipe = redis::pipe();
-        pipe.cmd("HGET")
-            .arg(&key)
-            .arg(session.field())
-            .cmd("ECHO")
-            .arg(nonce);
-        let pipe = &pipe;
-        let mut reply: Vec<Value> = self
-            .conn
-            .call(
-                |mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await },
-                |reply: &Vec<Value>| reply.len() == 2 && is_nonce(reply.get(1), nonce),
-            )
-            .await?;
-        let blob = match reply.swap_remove(0) {
-            Value::Nil => return Ok(None),
-            Value::BulkString(blob) => blob,
-            other => {
-                return Err(StoreError::Protocol(format!(
-                    "a session record that is not a string: {other:?}"
-                )));
+        let cached = self
+            .near
+            .as_ref()
+            .and_then(|n| n.get(&key, session.field()));
+        let from_redis = cached.is_none();
+        let ticket = self.near.as_ref().map(|n| n.ticket());
+        let read;
+        let blob: &[u8] = match &cached {
+            Some(blob) => blob,
+            None => {
+                read = match self.read_record(&key, session).await? {
+                    Some(blob) => blob,
+                    None => return Ok(None),
+                };
+                &read
             }
         };
-        let rec = record::decode(&blob).map_err(StoreError::Protocol)?;
+        let rec = record::decode(blob).map_err(StoreError::Protocol)?;
         let checks = Checks {
             now_ms: clock.upper_ms(),
             idle_ms: live.idle_ms,
             cutoff_ms: live.cutoff_ms,
+            epoch: live.epoch,
             device_id: device.as_str(),
             max_auth_age_ms,
             touch_ms,
@@ -485,6 +554,11 @@ impl Store {
                 touch_due,
             } => {
                 let mut seen = rec.last_seen_ms;
+                if let (Some(near), Some(ticket), true, false) =
+                    (&self.near, ticket, from_redis, touch_due)
+                {
+                    near.put(&key, session.field(), blob, ticket);
+                }
                 if touch_due {
                     let from = seen_from.map(|f| f()).unwrap_or_default();
                     match self
@@ -507,7 +581,7 @@ impl Store {
             };
             last_seen_ms = last_seen_ms.max(rec.last_seen_ms);
             let (last_ip, last_user_agent) =
-                record::whereabouts(&blob).map_err(StoreError::Protocol)?;
+                record::whereabouts(blob).map_err(StoreError::Protocol)?;
             Some(SessionRecord {
                 field: session.field().to_string(),
                 created_ms: rec.created_ms,
@@ -526,6 +600,36 @@ impl Store {
             reauth_needed,
             record,
         }))
+    }
+
+    /// One round trip: `HGET` of the record, then `ECHO` of a fresh nonce.
+    async fn read_record(
+        &self,
+        key: &str,
+        session: &SessionId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET")
+            .arg(key)
+            .arg(session.field())
+            .cmd("ECHO")
+            .arg(nonce);
+        let pipe = &pipe;
+        let mut reply: Vec<Value> = self
+            .conn
+            .call(
+                |mut conn| async move { pipe.query_async::<Vec<Value>>(&mut conn).await },
+                |reply: &Vec<Value>| reply.len() == 2 && is_nonce(reply.get(1), nonce),
+            )
+            .await?;
+        match reply.swap_remove(0) {
+            Value::Nil => Ok(None),
+            Value::BulkString(blob) => Ok(Some(blob)),
+            other => Err(StoreError::Protocol(format!(
+                "a session record that is not a string: {other:?}"
+            ))),
+        }
     }
 
     /// `lua/touch.lua` for a verify that began at `started`, bounded by
@@ -550,6 +654,7 @@ impl Store {
             .arg(live.idle_ms)
             .arg(touch_ms)
             .arg(live.cutoff_ms)
+            .arg(live.epoch)
             .arg(&seen.ip)
             .arg(&seen.user_agent);
         let call = self.run_script(&self.scripts.touch, cmd);
@@ -566,10 +671,8 @@ impl Store {
     }
 
     pub async fn create(&self, new: NewSession<'_>, live: Liveness) -> Result<Created, StoreError> {
-        let mut cmd = evalsha(
-            &self.scripts.create,
-            &self.keys.user(&new.session.user_tag()),
-        );
+        let key = self.keys.user(&new.session.user_tag());
+        let mut cmd = evalsha(&self.scripts.create, &key);
         cmd.arg(new.session.field())
             .arg(new.user.as_str())
             .arg(new.device.as_str())
@@ -578,8 +681,12 @@ impl Store {
             .arg(live.idle_ms)
             .arg(new.absolute_ms)
             .arg(new.max_per_user)
-            .arg(live.cutoff_ms);
-        let mut it = self.run_acknowledged(&self.scripts.create, cmd).await?;
+            .arg(live.cutoff_ms)
+            .arg(live.epoch);
+        let result = self.run_acknowledged(&self.scripts.create, cmd).await;
+        // It may have replaced or evicted records this instance has cached.
+        self.forget_locally(&key);
+        let mut it = result?;
         Ok(Created {
             created_ms: int(it.next())?,
             expires_ms: int(it.next())?,
@@ -606,7 +713,11 @@ impl Store {
         live: Liveness,
     ) -> Result<u64, StoreError> {
         let cmd = self.revoke_cmd(key, which, live);
-        let mut it = self.run_acknowledged(&self.scripts.revoke, cmd).await?;
+        let result = self.run_acknowledged(&self.scripts.revoke, cmd).await;
+        // Refused here at once, whether or not the reply came back; other
+        // instances hear of it by invalidation (or within the bound).
+        self.forget_locally(key);
+        let mut it = result?;
         Ok(int(it.next())?.max(0) as u64)
     }
 
@@ -616,9 +727,9 @@ impl Store {
             Revoke::One(field) => cmd.arg("one").arg(field),
             Revoke::AllExcept(keep) => cmd.arg("except").arg(keep.unwrap_or("")),
             Revoke::Device(device) => cmd.arg("device").arg(device),
-            Revoke::CreatedBefore(ms) => cmd.arg("before").arg(ms),
+            Revoke::Dead => cmd.arg("dead").arg(""),
         };
-        cmd.arg(live.idle_ms).arg(live.cutoff_ms);
+        cmd.arg(live.idle_ms).arg(live.cutoff_ms).arg(live.epoch);
         cmd
     }
 
@@ -628,11 +739,15 @@ impl Store {
         session: &SessionId,
         live: Liveness,
     ) -> Result<Option<i64>, StoreError> {
-        let mut cmd = evalsha(&self.scripts.reauth, &self.keys.user(&session.user_tag()));
+        let key = self.keys.user(&session.user_tag());
+        let mut cmd = evalsha(&self.scripts.reauth, &key);
         cmd.arg(session.field())
             .arg(live.idle_ms)
-            .arg(live.cutoff_ms);
-        let mut it = self.run_acknowledged(&self.scripts.reauth, cmd).await?;
+            .arg(live.cutoff_ms)
+            .arg(live.epoch);
+        let result = self.run_acknowledged(&self.scripts.reauth, cmd).await;
+        self.forget_locally(&key);
+        let mut it = result?;
         Ok(match int(it.next())? {
             1 => Some(int(it.next())?),
             _ => None,
@@ -646,7 +761,7 @@ impl Store {
         live: Liveness,
     ) -> Result<Vec<SessionRecord>, StoreError> {
         let mut cmd = evalsha(&self.scripts.list, &self.keys.user(user));
-        cmd.arg(live.idle_ms).arg(live.cutoff_ms);
+        cmd.arg(live.idle_ms).arg(live.cutoff_ms).arg(live.epoch);
         let mut it = self.run_script(&self.scripts.list, cmd).await?;
         if !it.len().is_multiple_of(9) {
             return Err(StoreError::Protocol("list reply of odd length".into()));
@@ -694,26 +809,34 @@ impl Store {
             cutoff_ms: int(it.next())?,
             ring_json: text(it.next())?,
             now_ms: int(it.next())?,
+            epoch: int(it.next())?,
         })
     }
 
-    /// Reads the global state without changing it, and Redis's clock:
-    /// `(cutoff, ring, now_ms)`.
-    pub async fn read_global(&self) -> Result<(Option<i64>, Option<String>, i64), StoreError> {
+    /// Reads the global state without changing it, and Redis's clock.
+    pub async fn read_global(&self) -> Result<StoredGlobal, StoreError> {
         let cmd = evalsha(&self.scripts.read, self.keys.global());
         let mut it = self.run_script(&self.scripts.read, cmd).await?;
-        let cutoff = match it.next() {
-            Some(Value::Nil) | None => None,
-            Some(v) => Some(
-                i64::from_redis_value(v)
-                    .map_err(|e| StoreError::Protocol(format!("global cutoff: {e}")))?,
-            ),
-        };
-        let ring = match it.next() {
+        let cutoff_ms = optional_int(it.next(), "global cutoff")?;
+        let ring_json = match it.next() {
             Some(Value::Nil) | None => None,
             v => Some(text(v)?),
         };
-        Ok((cutoff, ring, int(it.next())?))
+        let epoch = optional_int(it.next(), "global epoch")?;
+        let now_ms = int(it.next())?;
+        Ok(StoredGlobal {
+            cutoff_ms,
+            ring_json,
+            epoch,
+            now_ms,
+        })
+    }
+
+    /// The current logout-all epoch (`None`: the global state is missing).
+    pub async fn read_epoch(&self) -> Result<Option<i64>, StoreError> {
+        let cmd = evalsha(&self.scripts.epoch, self.keys.global());
+        let mut it = self.run_script(&self.scripts.epoch, cmd).await?;
+        optional_int(it.next(), "global epoch")
     }
 
     /// The readiness probe: a script issuing a write command that changes
@@ -727,94 +850,150 @@ impl Store {
         self.run_script(&self.scripts.probe, cmd).await.map(|_| ())
     }
 
-    /// Deletes every session created at or before `cutoff_ms`, in bounded
-    /// batches (`SCAN ... COUNT 200`, one script per user hash, a pause
-    /// between batches), so a logout-all never blocks Redis. Verify already
-    /// refuses those sessions by the cutoff; this only frees memory.
+    /// Deletes every session `target` kills (created at or before its
+    /// cutoff, or stamped with an epoch below its epoch), in bounded batches
+    /// (`SCAN ... COUNT 200`, one script per user hash, a pause between
+    /// batches), so a logout-all never blocks Redis. Verify already refuses
+    /// those sessions; this only frees memory. Returns how many of them were
+    /// alive by time alone (the sessions the logout-all revoked).
     ///
-    /// All of it runs over the deadpool-redis pool, never over the request
-    /// path's per-thread connections: the purge's commands are not
-    /// pipelined ahead of verifies, and its failures and timeouts are not
-    /// counted against (nor can they replace) a request-path connection.
-    /// A pooled connection that fails, times out or answers out of step is
-    /// taken out of the pool, and the purge stops (records expire by TTL).
+    /// All of it runs off the request path's per-thread connections: over
+    /// the deadpool-redis pool on a single Redis, over a connection of its
+    /// own in Redis Cluster mode. Its commands are not pipelined ahead of
+    /// verifies, and its failures and timeouts are not counted against (nor
+    /// can they replace) a request-path connection. A connection that fails,
+    /// times out or answers out of step ends the purge (records expire by
+    /// TTL); a pooled one is taken out of the pool.
     ///
-    /// In Redis Cluster mode `SCAN` would see one node only, so nothing is
-    /// purged there: the cutoff refuses the sessions on every instance and
-    /// their records expire by TTL.
-    pub async fn purge_before(&self, cutoff_ms: i64, live: Liveness) -> Result<u64, StoreError> {
-        if self.conn.is_cluster() {
-            return Ok(0);
-        }
-        let result = self.purge_on_pool(cutoff_ms, live).await;
+    /// In Redis Cluster mode `SCAN` sees one node only, so the purge asks
+    /// for the primaries (`CLUSTER NODES`) and scans each in turn; each
+    /// user hash is then revoked on the node that owns its slot (a hash
+    /// moved by a reshard meanwhile follows its `MOVED`).
+    pub async fn purge(&self, target: Liveness) -> Result<u64, StoreError> {
+        let result = if self.conn.is_cluster() {
+            self.purge_on_cluster(target).await
+        } else {
+            self.purge_on_pool(target).await
+        };
         if let Err(e) = &result {
             self.metrics.redis_error(e.kind());
         }
         result
     }
 
-    async fn purge_on_pool(&self, cutoff_ms: i64, live: Liveness) -> Result<u64, StoreError> {
-        let pattern = self.keys.user_pattern();
+    async fn purge_on_pool(&self, target: Liveness) -> Result<u64, StoreError> {
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
             let mut conn = self.conn.pooled().await?;
-            let scan = self
-                .conn
-                .bounded(async {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(200)
-                        .query_async::<(u64, Vec<String>)>(&mut conn)
-                        .await
-                        .map_err(|e| StoreError::from_redis(&e))
-                })
-                .await;
-            let (next, keys) = match scan {
-                Ok(found) => found,
+            let batch = async {
+                let (next, keys) = self.scan(&mut conn, cursor, None).await?;
+                Ok::<_, StoreError>((next, self.purge_keys(&mut conn, &keys, target).await?))
+            }
+            .await;
+            let (next, n) = match batch {
+                Ok(done) => done,
                 Err(e) => {
                     conn.discard();
                     return Err(e);
                 }
             };
-            for key in keys {
-                let mut cmd = self.revoke_cmd(&key, Revoke::CreatedBefore(cutoff_ms), live);
-                let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
-                cmd.arg(nonce);
-                let reply = self
-                    .conn
-                    .bounded(async {
-                        evalsha_loading(&mut conn, &self.scripts.revoke, &cmd)
-                            .await
-                            .map_err(|e| StoreError::from_redis(&e))
-                    })
-                    .await;
-                let reply = match reply {
-                    Ok(reply) if is_nonce(reply.first(), nonce) => reply,
-                    Ok(_) => {
-                        self.metrics.reply_mismatch.inc();
-                        conn.discard();
-                        return Err(StoreError::Protocol(
-                            "a reply for another request (nonce mismatch)".into(),
-                        ));
-                    }
-                    Err(e) => {
-                        conn.discard();
-                        return Err(e);
-                    }
-                };
-                removed += int(reply.into_iter().nth(1))?.max(0) as u64;
-            }
             drop(conn);
+            removed += n;
             if next == 0 {
                 return Ok(removed);
             }
             cursor = next;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    async fn purge_on_cluster(&self, target: Liveness) -> Result<u64, StoreError> {
+        let mut conn = self.conn.cluster_bulk().await?;
+        let nodes = self
+            .conn
+            .bounded(async {
+                conn.route_command(
+                    redis::cmd("CLUSTER").arg("NODES").clone(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                )
+                .await
+                .map_err(|e| StoreError::from_redis(&e))
+            })
+            .await?;
+        let primaries = cluster_primaries(&text(Some(nodes))?);
+        let mut removed = 0;
+        for (host, port) in primaries {
+            let mut cursor: u64 = 0;
+            loop {
+                let node = (host.as_str(), port);
+                let (next, keys) = self.scan(&mut conn, cursor, Some(node)).await?;
+                removed += self.purge_keys(&mut conn, &keys, target).await?;
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// One `SCAN` step over the user hashes, on `node` (Cluster) or on the
+    /// connection's only node.
+    async fn scan<C: ScanRoute>(
+        &self,
+        conn: &mut C,
+        cursor: u64,
+        node: Option<(&str, u16)>,
+    ) -> Result<(u64, Vec<String>), StoreError> {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(self.keys.user_pattern())
+            .arg("COUNT")
+            .arg(200);
+        let reply = self
+            .conn
+            .bounded(async {
+                conn.scan_on(cmd, node)
+                    .await
+                    .map_err(|e| StoreError::from_redis(&e))
+            })
+            .await?;
+        <(u64, Vec<String>)>::from_redis_value(reply)
+            .map_err(|e| StoreError::Protocol(format!("SCAN reply: {e}")))
+    }
+
+    /// Runs the purge's revoke on each user hash in `keys`.
+    async fn purge_keys<C: redis::aio::ConnectionLike>(
+        &self,
+        conn: &mut C,
+        keys: &[String],
+        target: Liveness,
+    ) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for key in keys {
+            let mut cmd = self.revoke_cmd(key, Revoke::Dead, target);
+            let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
+            cmd.arg(nonce);
+            let reply = self
+                .conn
+                .bounded(async {
+                    evalsha_loading(conn, &self.scripts.revoke, &cmd)
+                        .await
+                        .map_err(|e| StoreError::from_redis(&e))
+                })
+                .await?;
+            if !is_nonce(reply.first(), nonce) {
+                self.metrics.reply_mismatch.inc();
+                return Err(StoreError::Protocol(
+                    "a reply for another request (nonce mismatch)".into(),
+                ));
+            }
+            removed += int(reply.into_iter().nth(1))?.max(0) as u64;
+        }
+        Ok(removed)
     }
 
     /// Reads [`DURABILITY_SETTINGS`] from Redis (`CONFIG GET`, one pipelined
@@ -956,6 +1135,116 @@ async fn evalsha_loading<C: redis::aio::ConnectionLike>(
     }
 }
 
+/// A script call the cluster client gave up on with `ASK` (its slot is
+/// migrating and the key has moved): sent once more to the node `ASK` names,
+/// as one pipeline `ASKING` + `EVALSHA`. The client's own redirect sends
+/// `ASKING` and the command as two writes on a multiplexed connection, so
+/// under load another request's command can come between them and use up
+/// the `ASKING` (the target then answers `MOVED` back to the source, round
+/// and round until the client's retries run out: seen in
+/// `cluster::a_slot_resharded_under_load_gives_no_wrong_answer_and_no_5xx`).
+async fn follow_ask(
+    conn: conn::Connection,
+    script: &Script,
+    cmd: &redis::Cmd,
+    ask: &redis::RedisError,
+) -> redis::RedisResult<Vec<Value>> {
+    // `redirect_node` is ("host:port", slot).
+    let target = ask
+        .redirect_node()
+        .and_then(|(addr, _slot)| addr.rsplit_once(':'))
+        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)));
+    let (conn::Connection::Cluster(mut cluster), Some((host, port))) = (conn, target) else {
+        return Err(ask.clone());
+    };
+    let route = SingleNodeRoutingInfo::ByAddress {
+        host: host.to_string(),
+        port,
+    };
+    let mut pipe = redis::pipe();
+    pipe.cmd("ASKING").add_command(cmd.clone());
+    for attempt in 0..2 {
+        let mut replies = cluster
+            .route_pipeline(pipe.clone(), 1, 1, route.clone())
+            .await?;
+        let reply = replies.pop().unwrap_or(Value::Nil);
+        match reply.extract_error() {
+            Err(e)
+                if attempt == 0
+                    && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                script.load_async(&mut cluster).await?;
+            }
+            Err(e) => return Err(e),
+            Ok(v) => return Ok(Vec::<Value>::from_redis_value(v)?),
+        }
+    }
+    Err(ask.clone())
+}
+
+/// Sends a `SCAN` to one node: the connection's own, or (Cluster) the
+/// primary at the given address.
+trait ScanRoute {
+    fn scan_on(
+        &mut self,
+        cmd: redis::Cmd,
+        node: Option<(&str, u16)>,
+    ) -> impl std::future::Future<Output = redis::RedisResult<Value>> + Send;
+}
+
+impl ScanRoute for Pooled {
+    async fn scan_on(
+        &mut self,
+        cmd: redis::Cmd,
+        _: Option<(&str, u16)>,
+    ) -> redis::RedisResult<Value> {
+        cmd.query_async(self).await
+    }
+}
+
+impl ScanRoute for ClusterConnection {
+    async fn scan_on(
+        &mut self,
+        cmd: redis::Cmd,
+        node: Option<(&str, u16)>,
+    ) -> redis::RedisResult<Value> {
+        let routing = match node {
+            Some((host, port)) => SingleNodeRoutingInfo::ByAddress {
+                host: host.to_string(),
+                port,
+            },
+            None => SingleNodeRoutingInfo::RandomPrimary,
+        };
+        self.route_command(cmd, RoutingInfo::SingleNode(routing))
+            .await
+    }
+}
+
+/// The `(host, port)` of every primary in a `CLUSTER NODES` reply that is
+/// not failing (a failed one's slots are being taken over by a replica,
+/// which then shows as a primary).
+fn cluster_primaries(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let addr = fields.nth(1)?;
+            let flags = fields.next()?;
+            let flags: Vec<&str> = flags.split(',').collect();
+            if !flags.contains(&"master")
+                || flags
+                    .iter()
+                    .any(|f| matches!(*f, "fail" | "fail?" | "noaddr" | "handshake"))
+            {
+                return None;
+            }
+            let addr = addr.split(['@', ',']).next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((host.to_string(), port.parse().ok()?))
+        })
+        .collect()
+}
+
 /// [`evalsha_loading`] pipelined with `WAIT replicas wait_ms`, in one round
 /// trip: the script's reply and the replicas that confirmed it.
 async fn evalsha_waiting<C: redis::aio::ConnectionLike>(
@@ -1008,6 +1297,16 @@ fn is_nonce(v: Option<&Value>, nonce: u64) -> bool {
                 == Some(nonce)
         }
         _ => false,
+    }
+}
+
+/// An integer stored as text (`HGET`), `None` when missing.
+fn optional_int(v: Option<Value>, what: &str) -> Result<Option<i64>, StoreError> {
+    match v {
+        Some(Value::Nil) | None => Ok(None),
+        Some(v) => i64::from_redis_value(v)
+            .map(Some)
+            .map_err(|e| StoreError::Protocol(format!("{what}: {e}"))),
     }
 }
 

@@ -5,8 +5,10 @@
 
 use std::time::Instant;
 
-/// A stored record, borrowed from the reply bytes. Elements after the sixth
-/// (added by later versions of the schema) are tolerated and ignored here.
+/// A stored record, borrowed from the reply bytes. The seventh element is
+/// the logout-all epoch (absent in a record from before epochs: 0);
+/// elements after it (added by later versions of the schema) are tolerated
+/// and ignored here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record<'a> {
     pub created_ms: i64,
@@ -15,6 +17,7 @@ pub struct Record<'a> {
     pub expires_ms: i64,
     pub device_id: &'a [u8],
     pub metadata: &'a [u8],
+    pub epoch: i64,
 }
 
 /// Redis's clock as this instance knows it: a `TIME` read inside the
@@ -50,8 +53,10 @@ pub struct Checks<'a> {
     /// [`RedisClock::upper_ms`], taken after the record was read.
     pub now_ms: i64,
     pub idle_ms: i64,
-    /// Sessions created at or before this are revoked (logout-all).
+    /// Sessions created at or before this are revoked (`revoke-before`).
     pub cutoff_ms: i64,
+    /// Sessions stamped with an older logout-all epoch are revoked.
+    pub epoch: i64,
     pub device_id: &'a str,
     /// Largest password age allowed (< 0: not checked).
     pub max_auth_age_ms: i64,
@@ -80,7 +85,8 @@ pub fn judge(rec: &Record<'_>, c: &Checks<'_>) -> Verdict {
     let now = c.now_ms;
     let alive = rec.expires_ms > now
         && rec.last_seen_ms.saturating_add(c.idle_ms) > now
-        && rec.created_ms > c.cutoff_ms;
+        && rec.created_ms > c.cutoff_ms
+        && rec.epoch >= c.epoch;
     if !alive {
         return Verdict::Dead;
     }
@@ -109,6 +115,7 @@ pub fn decode(blob: &[u8]) -> Result<Record<'_>, String> {
         expires_ms: r.int()?,
         device_id: r.bytes()?,
         metadata: r.bytes()?,
+        epoch: if n >= 7 { r.int()? } else { 0 },
     })
 }
 
@@ -252,11 +259,17 @@ mod tests {
         assert_eq!(rec.expires_ms, -3);
         assert_eq!(rec.device_id, b"laptop");
         assert_eq!(rec.metadata, b"{}");
-        // A seventh element (a later schema's) is ignored.
+        assert_eq!(rec.epoch, 0, "a record from before epochs");
+        // The seventh element is the epoch; an eighth (a later schema's)
+        // is ignored.
         let mut seven = blob.clone();
         seven[0] = 0x97;
         seven.push(0x07);
-        assert_eq!(decode(&seven).unwrap(), rec);
+        assert_eq!(decode(&seven).unwrap(), Record { epoch: 7, ..rec });
+        let mut eight = seven.clone();
+        eight[0] = 0x98;
+        eight.push(0x09);
+        assert_eq!(decode(&eight).unwrap(), Record { epoch: 7, ..rec });
         // Long strings and the other integer widths.
         let mut long = vec![0x96, 0xce, 0, 1, 0, 0, 0xcd, 1, 0, 0xd1, 0xff, 0xfe, 0xcb];
         long.extend_from_slice(&42.0f64.to_bits().to_be_bytes());
@@ -291,7 +304,9 @@ mod tests {
         nine.extend_from_slice(b"192.0.2.7");
         nine.push(0xa4);
         nine.extend_from_slice(b"curl");
-        assert_eq!(decode(&nine).unwrap(), decode(&blob).unwrap());
+        let rec = decode(&nine).unwrap();
+        assert_eq!(rec.epoch, 1_700_000_000_999);
+        assert_eq!(Record { epoch: 0, ..rec }, decode(&blob).unwrap());
         assert_eq!(
             whereabouts(&nine).unwrap(),
             (Some(&b"192.0.2.7"[..]), Some(&b"curl"[..]))
@@ -330,6 +345,7 @@ mod tests {
             expires_ms: 100_000,
             device_id: b"laptop",
             metadata: b"",
+            epoch: 3,
         }
     }
 
@@ -338,6 +354,7 @@ mod tests {
             now_ms,
             idle_ms: 10_000,
             cutoff_ms: 999,
+            epoch: 3,
             device_id: "laptop",
             max_auth_age_ms: -1,
             touch_ms: 1_000,
@@ -374,6 +391,18 @@ mod tests {
         assert_eq!(judge(&r, &c), Verdict::Dead);
         let c = Checks {
             cutoff_ms: 999,
+            ..checks(5_500)
+        };
+        assert_eq!(judge(&r, &c), alive(false, false));
+        // epoch: a record stamped before the current logout-all is revoked,
+        // whatever the clocks say
+        let c = Checks {
+            epoch: 4,
+            ..checks(5_500)
+        };
+        assert_eq!(judge(&r, &c), Verdict::Dead);
+        let c = Checks {
+            epoch: 2,
             ..checks(5_500)
         };
         assert_eq!(judge(&r, &c), alive(false, false));

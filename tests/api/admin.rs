@@ -12,6 +12,7 @@ use crate::helpers::{
     ADMIN_KEY, ISSUER_KEY, SIGNING_SECRET, TestApp, assert_error, eventually, spawn_app,
     spawn_app_with,
 };
+use crate::topology::Topo;
 
 /// Every user hash in the app's Redis (`SCAN`, since `KEYS` is disabled),
 /// sorted.
@@ -43,10 +44,11 @@ pub(crate) fn user_hashes(app: &TestApp) -> Vec<String> {
     keys
 }
 
-/// The Redis hash of the user a session id belongs to (the id starts with
-/// the user's 22-character tag).
-pub(crate) fn hash_of(session_id: &str) -> String {
-    format!("sg:u{{{}}}", &session_id[..22])
+/// Every user hash of a topology test, sorted.
+fn t_hashes(t: &Topo) -> Vec<String> {
+    let mut keys = t.user_keys();
+    keys.sort();
+    keys
 }
 
 /// The `kid` of a JWT's header.
@@ -201,9 +203,8 @@ async fn introspect_accepts_both_keys_and_refuses_others() {
     assert_error(res, StatusCode::UNAUTHORIZED, "unauthorized").await;
 }
 
-#[tokio::test]
-async fn admin_lists_a_users_sessions_without_current() {
-    let app = spawn_app().await;
+async fn admin_lists_a_users_sessions_without_current(t: Topo) {
+    let app = t.app(&[]).await;
     let laptop = app
         .create_body(json!({"user_id": "alice", "device_id": "laptop",
             "metadata": {"ip": "192.0.2.7"}}))
@@ -245,9 +246,8 @@ async fn admin_lists_a_users_sessions_without_current() {
     assert_eq!(list, json!({"sessions": []}));
 }
 
-#[tokio::test]
-async fn admin_force_logout_of_a_user_revokes_every_token_and_only_theirs() {
-    let app = spawn_app().await;
+async fn admin_force_logout_of_a_user_revokes_every_token_and_only_theirs(t: Topo) {
+    let app = t.app(&[]).await;
     let a = app.create("alice", "a").await;
     let b = app.create("alice", "b").await;
     let c = app.create("alice", "c").await;
@@ -267,7 +267,7 @@ async fn admin_force_logout_of_a_user_revokes_every_token_and_only_theirs() {
     let list = json_of(app.admin_list("alice").await).await;
     assert_eq!(list, json!({"sessions": []}));
     // Nothing of alice is left in Redis.
-    assert_eq!(user_hashes(&app), vec![hash_of(&bob.session_id)]);
+    assert_eq!(t_hashes(&t), vec![t.hash_of(&bob.session_id)]);
 
     // Again: nothing left to revoke.
     let res = app.admin_revoke_user("alice", None).await;
@@ -276,9 +276,8 @@ async fn admin_force_logout_of_a_user_revokes_every_token_and_only_theirs() {
     assert_eq!(json_of(res).await, json!({"revoked": 0}));
 }
 
-#[tokio::test]
-async fn admin_force_logout_except_keeps_one_session() {
-    let app = spawn_app().await;
+async fn admin_force_logout_except_keeps_one_session(t: Topo) {
+    let app = t.app(&[]).await;
     let a = app.create("alice", "a").await;
     let b = app.create("alice", "b").await;
     let c = app.create("alice", "c").await;
@@ -296,9 +295,8 @@ async fn admin_force_logout_except_keeps_one_session() {
     assert_eq!(sessions[0]["session_id"], b.session_id.as_str());
 }
 
-#[tokio::test]
-async fn admin_force_logout_refuses_a_bad_except() {
-    let app = spawn_app().await;
+async fn admin_force_logout_refuses_a_bad_except(t: Topo) {
+    let app = t.app(&[]).await;
     let a = app.create("alice", "a").await;
     let bob = app.create("bob", "a").await;
 
@@ -331,9 +329,8 @@ async fn admin_force_logout_refuses_a_bad_except() {
     assert_eq!(app.verify_status(&bob.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn admin_force_logout_of_one_device() {
-    let app = spawn_app().await;
+async fn admin_force_logout_of_one_device(t: Topo) {
+    let app = t.app(&[]).await;
     let laptop = app.create("alice", "laptop").await;
     let phone = app.create("alice", "phone").await;
     let bobs_laptop = app.create("bob", "laptop").await;
@@ -356,9 +353,8 @@ async fn admin_force_logout_of_one_device() {
     assert_eq!(app.verify_status(&phone.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn admin_revokes_one_session_by_id() {
-    let app = spawn_app().await;
+async fn admin_revokes_one_session_by_id(t: Topo) {
+    let app = t.app(&[]).await;
     let a = app.create("alice", "a").await;
     let b = app.create("alice", "b").await;
 
@@ -376,9 +372,8 @@ async fn admin_revokes_one_session_by_id() {
     assert_eq!(app.verify_status(&b.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn logout_all_revokes_every_earlier_token_at_once_and_purges_them() {
-    let app = spawn_app().await;
+async fn logout_all_revokes_every_earlier_token_at_once_and_purges_them(t: Topo) {
+    let app = t.app(&[]).await;
     let mut old = Vec::new();
     for user in ["alice", "bob", "carol"] {
         for device in ["laptop", "phone"] {
@@ -415,10 +410,10 @@ async fn logout_all_revokes_every_earlier_token_at_once_and_purges_them() {
 
     // The background purge removes the revoked users' records; the new
     // sessions stay.
-    let mut expected = vec![hash_of(&fresh.session_id), hash_of(&again.session_id)];
+    let mut expected = vec![t.hash_of(&fresh.session_id), t.hash_of(&again.session_id)];
     expected.sort();
     eventually(Duration::from_secs(5), || {
-        let hashes = user_hashes(&app);
+        let hashes = t_hashes(&t);
         let done = hashes == expected;
         async move { done }
     })
@@ -430,9 +425,8 @@ async fn logout_all_revokes_every_earlier_token_at_once_and_purges_them() {
     assert_eq!(app.verify_status(&fresh.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn key_rotation_signs_new_tokens_with_a_new_kid_and_old_ones_still_verify() {
-    let app = spawn_app().await;
+async fn key_rotation_signs_new_tokens_with_a_new_kid_and_old_ones_still_verify(t: Topo) {
+    let app = t.app(&[]).await;
     let before = app.create("alice", "laptop").await;
     let kid0 = kid_of(&before.token);
 
@@ -461,9 +455,8 @@ async fn key_rotation_signs_new_tokens_with_a_new_kid_and_old_ones_still_verify(
     }
 }
 
-#[tokio::test]
-async fn introspect_describes_an_active_token() {
-    let app = spawn_app().await;
+async fn introspect_describes_an_active_token(t: Topo) {
+    let app = t.app(&[]).await;
     let auth_time = before_now(120);
     let s = app
         .create_body(json!({"user_id": "alice", "device_id": "laptop", "auth_time": auth_time}))
@@ -484,9 +477,8 @@ async fn introspect_describes_an_active_token() {
     assert!(body.get("token").is_none(), "{body}");
 }
 
-#[tokio::test]
-async fn introspect_reports_auth_time_instead_of_enforcing_reauth() {
-    let app = spawn_app().await;
+async fn introspect_reports_auth_time_instead_of_enforcing_reauth(t: Topo) {
+    let app = t.app(&[]).await;
     // 13 h ago: past the default 12 h reauth_after.
     let auth_time = before_now(13 * 3600);
     let s = app
@@ -538,9 +530,8 @@ fn expired_copy_of(s: &crate::helpers::Created) -> String {
     )
 }
 
-#[tokio::test]
-async fn introspect_answers_only_active_false_for_dead_tokens() {
-    let app = spawn_app().await;
+async fn introspect_answers_only_active_false_for_dead_tokens(t: Topo) {
+    let app = t.app(&[]).await;
     let revoked = app.create("alice", "laptop").await;
     assert_eq!(
         app.logout(&revoked.token).await.status(),
@@ -552,7 +543,10 @@ async fn introspect_answers_only_active_false_for_dead_tokens() {
     assert_eq!(app.verify_status(&expired).await, StatusCode::UNAUTHORIZED);
     let gone = app.create("carol", "laptop").await;
     assert_eq!(
-        app.redis_cmd(&["DEL", &hash_of(&gone.session_id)]),
+        t.cmd(
+            &t.hash_of(&gone.session_id),
+            &["DEL", &t.hash_of(&gone.session_id)]
+        ),
         ":1\r\n"
     );
     // One signature character changed (not the last, whose low bits are padding).
@@ -646,11 +640,10 @@ async fn introspect_refuses_bad_bodies_without_echoing_the_token() {
     assert!(!body.to_string().contains(&s.token), "token echoed: {body}");
 }
 
-#[tokio::test]
-async fn introspection_does_not_slide_the_idle_timer() {
+async fn introspection_does_not_slide_the_idle_timer(t: Topo) {
     // 6 s, so the checks between the sleeps have seconds of slack on a
     // loaded machine; the effective touch interval is 600 ms.
-    let app = spawn_app_with(&[("IDLE_TIMEOUT", "6s")]).await;
+    let app = t.app(&[("IDLE_TIMEOUT", "6s")]).await;
     let introspected = app.create("alice", "laptop").await;
     let verified = app.create("bob", "laptop").await;
     tokio::time::sleep(Duration::from_millis(3000)).await;
@@ -667,9 +660,8 @@ async fn introspection_does_not_slide_the_idle_timer() {
     assert_eq!(app.verify_status(&verified.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn admin_paths_address_ids_with_reserved_characters_exactly() {
-    let app = spawn_app().await;
+async fn admin_paths_address_ids_with_reserved_characters_exactly(t: Topo) {
+    let app = t.app(&[]).await;
     // Percent-encoded in the path; "a%2Fb" and "a/b" are different users.
     let users = [
         "a/b", "a%2Fb", "a+b", "100%", "%41", "A", "a b", "a?b#c", "ü",
@@ -705,16 +697,17 @@ fn wall_ms() -> i64 {
         .as_millis() as i64
 }
 
-#[tokio::test]
-async fn a_rotated_out_key_retires_a_whole_token_lifetime_plus_leeway_later() {
+async fn a_rotated_out_key_retires_a_whole_token_lifetime_plus_leeway_later(t: Topo) {
     // Retiring earlier would refuse a token signed just before the rotation
     // while it is still within its absolute lifetime (plus clock leeway).
-    let app = spawn_app_with(&[("ABSOLUTE_LIFETIME", "1h"), ("CLOCK_LEEWAY", "5s")]).await;
+    let app = t
+        .app(&[("ABSOLUTE_LIFETIME", "1h"), ("CLOCK_LEEWAY", "5s")])
+        .await;
     let kid0 = kid_of(&app.create("alice", "laptop").await.token);
     let before = wall_ms();
     json_of(app.rotate_keys().await).await;
     let after = wall_ms();
-    let reply = app.redis_cmd(&["HGET", "sg:global", "ring"]);
+    let reply = t.cmd(&t.key("global"), &["HGET", &t.key("global"), "ring"]);
     // "$len\r\n{json}\r\n"
     let json = reply.split("\r\n").nth(1).expect("a bulk string");
     let ring: Value = serde_json::from_str(json).unwrap();
@@ -733,30 +726,47 @@ async fn a_rotated_out_key_retires_a_whole_token_lifetime_plus_leeway_later() {
     );
 }
 
-#[tokio::test]
-async fn logout_all_purges_records_that_nobody_presents_again() {
+async fn logout_all_purges_records_that_nobody_presents_again(t: Topo) {
     // The other logout-all test verifies every old token, and a verify of a
     // dead session deletes its record itself: the purge must be seen alone.
-    let app = spawn_app().await;
+    let app = t.app(&[]).await;
     for user in ["erin", "frank"] {
         for device in ["laptop", "phone"] {
             app.create(user, device).await;
         }
     }
-    assert_eq!(user_hashes(&app).len(), 2);
+    assert_eq!(t_hashes(&t).len(), 2);
     json_of(app.logout_all().await).await;
     eventually(Duration::from_secs(10), || {
-        let left = user_hashes(&app);
+        let left = t_hashes(&t);
         async move { left.is_empty() }
     })
     .await;
     // A second logout-all later purges what was created in between.
     app.create("grace", "laptop").await;
-    assert_eq!(user_hashes(&app).len(), 1);
+    assert_eq!(t_hashes(&t).len(), 1);
     json_of(app.logout_all().await).await;
     eventually(Duration::from_secs(10), || {
-        let left = user_hashes(&app);
+        let left = t_hashes(&t);
         async move { left.is_empty() }
     })
     .await;
 }
+
+crate::on_every_topology!(
+    admin_lists_a_users_sessions_without_current,
+    admin_force_logout_of_a_user_revokes_every_token_and_only_theirs,
+    admin_force_logout_except_keeps_one_session,
+    admin_force_logout_refuses_a_bad_except,
+    admin_force_logout_of_one_device,
+    admin_revokes_one_session_by_id,
+    logout_all_revokes_every_earlier_token_at_once_and_purges_them,
+    key_rotation_signs_new_tokens_with_a_new_kid_and_old_ones_still_verify,
+    introspect_describes_an_active_token,
+    introspect_reports_auth_time_instead_of_enforcing_reauth,
+    introspect_answers_only_active_false_for_dead_tokens,
+    introspection_does_not_slide_the_idle_timer,
+    admin_paths_address_ids_with_reserved_characters_exactly,
+    a_rotated_out_key_retires_a_whole_token_lifetime_plus_leeway_later,
+    logout_all_purges_records_that_nobody_presents_again,
+);

@@ -1,7 +1,9 @@
-//! Redis Cluster: three primaries started by the test, sessiongate in
-//! cluster mode (`SESSIONGATE_REDIS_CLUSTER_NODES`), the same behaviour.
+//! Redis Cluster: clusters of the test's own (not the behaviour suite's
+//! shared one, tests/api/topology.rs, which runs every behaviour test on a
+//! Cluster too), sessiongate in cluster mode (`SESSIONGATE_REDIS_CLUSTER_NODES`).
 
-use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -9,64 +11,7 @@ use serde_json::Value;
 
 use crate::helpers::{TestApp, eventually, spawn_app_on};
 use crate::redis_server::TestRedis;
-
-/// Three cluster-enabled Redis servers with every slot assigned.
-struct TestCluster {
-    nodes: Vec<TestRedis>,
-}
-
-impl TestCluster {
-    fn start() -> TestCluster {
-        let nodes: Vec<TestRedis> = (0..3)
-            .map(|_| {
-                TestRedis::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "5000",
-                ])
-            })
-            .collect();
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port()))
-            .collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli runs");
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let started = Instant::now();
-        while !nodes
-            .iter()
-            .all(|n| n.cmd(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "cluster not ok"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        TestCluster { nodes }
-    }
-
-    fn seeds(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| n.url().trim_end_matches("/0").to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
+use crate::topology::TestCluster;
 
 async fn app_on(cluster: &TestCluster) -> TestApp {
     let seeds = cluster.seeds();
@@ -75,7 +20,7 @@ async fn app_on(cluster: &TestCluster) -> TestApp {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_work_across_every_node_of_a_cluster() {
-    let cluster = TestCluster::start();
+    let cluster = TestCluster::start(3, 0, 5000);
     let app = app_on(&cluster).await;
     let ready = app
         .request(reqwest::Method::GET, "/readyz")
@@ -141,64 +86,378 @@ async fn sessions_work_across_every_node_of_a_cluster() {
     assert_eq!(app.verify_status(&sessions[3].token).await, StatusCode::OK);
 }
 
-fn kid_of(token: &str) -> String {
+/// The user hash key of `user` under the default prefix (`sg:`).
+fn user_key(user: &str) -> String {
     use base64::Engine;
-    let header = token.split('.').next().unwrap();
-    let json: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(header)
-            .unwrap(),
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(user.as_bytes());
+    format!(
+        "sg:u{{{}}}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16])
     )
-    .unwrap();
-    json["kid"].as_str().unwrap().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logout_all_and_rotation_reach_another_instance_on_the_cluster() {
-    let cluster = TestCluster::start();
-    let a = app_on(&cluster).await;
-    let b = app_on(&cluster).await;
-    let mut old = Vec::new();
-    for i in 0..10 {
-        old.push(b.create(&format!("u{i}"), "d").await);
+/// A Redis Cluster key's slot: CRC16 (XMODEM) of its hash tag, mod 16384.
+fn slot_of(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = key
+        .find('{')
+        .and_then(|open| {
+            let close = key[open + 1..].find('}')? + open + 1;
+            (close > open + 1).then(|| &bytes[open + 1..close])
+        })
+        .unwrap_or(bytes);
+    let mut crc: u16 = 0;
+    for &b in tagged {
+        crc ^= (b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
     }
-    let old_kid = kid_of(&old[0].token);
+    crc % 16384
+}
 
-    // The rotation reaches B: B starts signing with the new kid, and a
-    // token A signs with it verifies on B (and B's on A).
-    let res = a.rotate_keys().await;
-    assert_eq!(res.status(), StatusCode::OK);
-    let new_kid = res.json::<Value>().await.unwrap()["kid"]
-        .as_str()
+/// The node id of a cluster node (`CLUSTER MYID`).
+fn node_id(node: &TestRedis) -> String {
+    let reply = node.cmd(&["CLUSTER", "MYID"]);
+    reply
+        .split("\r\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("CLUSTER MYID: {reply}"))
+        .to_string()
+}
+
+/// What one load task saw: when each request was sent and what came back.
+type Seen = Vec<(Instant, StatusCode)>;
+
+/// Verifies `token` in a loop until `stop`; every answer with its send time.
+fn verify_loop(
+    app: Arc<TestApp>,
+    token: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Seen> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let sent = Instant::now();
+            seen.push((sent, app.verify_status(&token).await));
+        }
+        seen
+    })
+}
+
+/// kill -9 of a shard's primary while verifies and logouts run (issue 8
+/// item 6): a live session on that shard gets 503 while no node serves its
+/// slot, never 401; a session whose logout was acknowledged never 200 again
+/// (on any shard); the service serves the shard again by itself within 10 s
+/// of the replica's promotion.
+///
+/// Without replica acknowledgements (`MIN_REPLICAS_ACK`, the `ha` branch) a
+/// logout acknowledged in the replication lag may be lost in the failover:
+/// here the logouts on the doomed shard pause and the replica catches up
+/// before the kill, so the assertion is about routing and recovery, not
+/// about that window. REPLICA-ACK TEST PLUGS IN HERE: with
+/// `MIN_REPLICAS_ACK=1`, drop the pause and the catch-up wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_shard_primary_gives_503_then_recovers_and_keeps_every_logout() {
+    let mut cluster = TestCluster::start(3, 1, 1000);
+    let seeds = cluster.seeds();
+    let app = Arc::new(
+        spawn_app_on(
+            "redis://127.0.0.1:1/0",
+            &[("REDIS_CLUSTER_NODES", &seeds), ("REDIS_TIMEOUT", "1s")],
+        )
+        .await,
+    );
+    // Users on every shard; which primary holds each.
+    let mut sessions = Vec::new();
+    for i in 0..24 {
+        let user = format!("failover-{i}");
+        let live = app.create(&user, "live").await;
+        let revoked = app.create(&user, "revoked").await;
+        let port = cluster.primary_of(&user_key(&user)).port();
+        sessions.push((port, live, revoked));
+    }
+    let victim = cluster.primary_of(&user_key("failover-0")).port();
+    let on_victim = sessions.iter().filter(|(p, ..)| *p == victim).count();
+    assert!(
+        on_victim >= 2 && on_victim < sessions.len(),
+        "{on_victim} of {} users on the victim shard",
+        sessions.len()
+    );
+
+    // Load: every live session verified in a loop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let verifiers: Vec<_> = sessions
+        .iter()
+        .map(|(port, live, _)| {
+            (
+                *port,
+                verify_loop(app.clone(), live.token.clone(), stop.clone()),
+            )
+        })
+        .collect();
+    // Logouts: half of the revoked sessions of each shard before the kill,
+    // each acknowledged one then verified in a loop too.
+    let mut acked: Vec<(Instant, tokio::task::JoinHandle<Seen>)> = Vec::new();
+    let (before, after): (Vec<_>, Vec<_>) =
+        sessions.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    for (_, (_, _, revoked)) in &before {
+        assert_eq!(
+            app.logout(&revoked.token).await.status(),
+            StatusCode::NO_CONTENT
+        );
+        acked.push((
+            Instant::now(),
+            verify_loop(app.clone(), revoked.token.clone(), stop.clone()),
+        ));
+    }
+    // The victim's replica has every acknowledged write (see the doc).
+    let replica_port = {
+        let replica = cluster
+            .nodes
+            .iter()
+            .find(|n| {
+                n.cmd(&["INFO", "replication"])
+                    .contains(&format!("master_port:{victim}"))
+            })
+            .expect("the victim has a replica");
+        replica.port()
+    };
+    let offset = |port: u16, field: &str| -> i64 {
+        let info = cluster.node(port).unwrap().cmd(&["INFO", "replication"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix(field)?.trim().parse().ok())
+            .unwrap_or(-1)
+    };
+    let started = Instant::now();
+    while offset(replica_port, "slave_repl_offset:") < offset(victim, "master_repl_offset:") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "replica not caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let victim_index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.port() == victim)
+        .unwrap();
+    cluster.nodes[victim_index].kill9();
+    let killed = Instant::now();
+    // Logouts go on during the switch: each answer 204 or 503, retried
+    // until acknowledged (a revocation is idempotent).
+    for (_, (_, _, revoked)) in &after {
+        loop {
+            let status = app.logout(&revoked.token).await.status();
+            if status == StatusCode::NO_CONTENT {
+                break;
+            }
+            assert_eq!(
+                status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "logout during the switch"
+            );
+            assert!(
+                killed.elapsed() < Duration::from_secs(60),
+                "logout never acknowledged"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        acked.push((
+            Instant::now(),
+            verify_loop(app.clone(), revoked.token.clone(), stop.clone()),
+        ));
+    }
+    // The promotion, as the cluster reports it.
+    let started = Instant::now();
+    while !cluster
+        .node(replica_port)
         .unwrap()
-        .to_string();
-    assert_ne!(new_kid, old_kid);
-    eventually(Duration::from_secs(10), || async {
-        kid_of(&b.create("rot", "from-b").await.token) == new_kid
+        .cmd(&["INFO", "replication"])
+        .contains("role:master")
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "no promotion");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let promoted = Instant::now();
+    cluster.wait_healthy(Duration::from_secs(60));
+    // Every live session verifies again; give the load a few seconds more.
+    let victim_users: Vec<_> = sessions.iter().filter(|(p, ..)| *p == victim).collect();
+    eventually(Duration::from_secs(30), || async {
+        let mut all = true;
+        for (_, live, _) in &victim_users {
+            all &= app.verify_status(&live.token).await == StatusCode::OK;
+        }
+        all
     })
     .await;
-    let from_a = a.create("rot", "from-a").await;
-    assert_eq!(kid_of(&from_a.token), new_kid);
-    assert_eq!(b.verify_status(&from_a.token).await, StatusCode::OK);
-    let from_b = b.create("rot", "from-b2").await;
-    assert_eq!(kid_of(&from_b.token), new_kid);
-    assert_eq!(a.verify_status(&from_b.token).await, StatusCode::OK);
-    // Old-kid tokens still verify on both until their kid retires.
-    assert_eq!(a.verify_status(&old[0].token).await, StatusCode::OK);
-    assert_eq!(b.verify_status(&old[0].token).await, StatusCode::OK);
+    let recovery = promoted.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
 
-    assert_eq!(a.logout_all().await.status(), StatusCode::OK);
-    let acked = Instant::now();
-    for s in &old {
-        assert_eq!(a.verify_status(&s.token).await, StatusCode::UNAUTHORIZED);
+    let mut outage_503 = 0;
+    for (port, task) in verifiers {
+        for (sent, status) in task.await.unwrap() {
+            match status {
+                StatusCode::OK => {}
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    assert!(
+                        sent < promoted + Duration::from_secs(10),
+                        "503 more than 10 s after the promotion"
+                    );
+                    outage_503 += 1;
+                }
+                other => panic!("a live session got {other} (shard {port}, victim {victim})"),
+            }
+        }
     }
-    // Within 1 s on the other instance (API.md), from the acknowledgement.
-    tokio::time::sleep_until((acked + Duration::from_secs(1)).into()).await;
-    assert_eq!(
-        b.verify_status(&old[9].token).await,
-        StatusCode::UNAUTHORIZED,
-        "B accepted a pre-logout-all token 1 s after the acknowledgement"
+    assert!(outage_503 > 0, "no 503 seen: did the kill reach the load?");
+    for (ack, task) in acked {
+        for (sent, status) in task.await.unwrap() {
+            assert!(
+                status == StatusCode::UNAUTHORIZED || status == StatusCode::SERVICE_UNAVAILABLE,
+                "a logged-out session got {status}"
+            );
+            assert!(sent >= ack);
+        }
+    }
+    assert!(
+        recovery <= Duration::from_secs(10),
+        "verifies on the failed-over shard recovered {recovery:?} after the promotion"
     );
-    let fresh = b.create("u0", "d").await;
-    assert_eq!(a.verify_status(&fresh.token).await, StatusCode::OK);
+    eprintln!(
+        "cluster failover: promotion {:?} after the kill, shard serving again {recovery:?} after it, {outage_503} verifies answered 503",
+        promoted - killed
+    );
+}
+
+/// A slot moved from one primary to another under load (issue 8 item 6),
+/// by hand as `redis-cli --cluster reshard` does it: `SETSLOT IMPORTING` /
+/// `MIGRATING`, one `MIGRATE` per key with requests in between (so they
+/// meet `ASK` for a key already moved and the source for one not yet), then
+/// `SETSLOT NODE` everywhere (`MOVED` from then on). Several users share
+/// the slot. No wrong answer and no 5xx at all: `MOVED`/`ASK` are absorbed
+/// by the client's redirects, within the request's retry budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_resharded_under_load_gives_no_wrong_answer_and_no_5xx() {
+    let cluster = TestCluster::start(3, 0, 5000);
+    let seeds = cluster.seeds();
+    let app =
+        Arc::new(spawn_app_on("redis://127.0.0.1:1/0", &[("REDIS_CLUSTER_NODES", &seeds)]).await);
+    let first = "reshard-0".to_string();
+    let slot = slot_of(&user_key(&first));
+    assert_eq!(
+        cluster.nodes[0].cmd(&["CLUSTER", "KEYSLOT", &user_key(&first)]),
+        format!(":{slot}\r\n"),
+        "slot_of agrees with Redis"
+    );
+    let users: Vec<String> = std::iter::once(first)
+        .chain(
+            (0..)
+                .map(|i| format!("reshard-x{i}"))
+                .filter(|u| slot_of(&user_key(u)) == slot)
+                .take(4),
+        )
+        .collect();
+    let mut live = Vec::new();
+    let mut doomed = Vec::new();
+    for u in &users {
+        live.push(app.create(u, "live").await);
+        doomed.push(app.create(u, "doomed").await);
+    }
+    let source = cluster.primary_of(&user_key(&users[0]));
+    let target = cluster
+        .primaries()
+        .into_iter()
+        .find(|n| n.port() != source.port())
+        .unwrap();
+    let (source_id, target_id) = (node_id(source), node_id(target));
+    let slot_s = slot.to_string();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let verifiers: Vec<_> = live
+        .iter()
+        .map(|s| verify_loop(app.clone(), s.token.clone(), stop.clone()))
+        .collect();
+    let mut acked = Vec::new();
+    let logout = |i: usize| {
+        let app = app.clone();
+        let token = doomed[i].token.clone();
+        async move {
+            assert_eq!(app.logout(&token).await.status(), StatusCode::NO_CONTENT);
+            token
+        }
+    };
+    // Let the load run on the source first.
+    acked.push(logout(0).await);
+
+    let ok = "+OK\r\n";
+    assert_eq!(
+        target.cmd(&["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &source_id]),
+        ok
+    );
+    assert_eq!(
+        source.cmd(&["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &target_id]),
+        ok
+    );
+    let target_port = target.port().to_string();
+    for (i, u) in users.iter().enumerate() {
+        let key = user_key(u);
+        assert_eq!(
+            source.cmd(&["MIGRATE", "127.0.0.1", &target_port, &key, "0", "5000"]),
+            ok,
+            "MIGRATE {key}"
+        );
+        // Between keys: a logout (on a moved key: ASK) and a login for a
+        // user whose key has moved and one whose key has not.
+        if i + 1 < users.len() {
+            acked.push(logout(i + 1).await);
+        }
+        let again = app.create(u, "extra").await;
+        assert_eq!(app.verify_status(&again.token).await, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for node in cluster.primaries() {
+        assert_eq!(
+            node.cmd(&["CLUSTER", "SETSLOT", &slot_s, "NODE", &target_id]),
+            ok
+        );
+    }
+    assert_eq!(
+        cluster.primary_of(&user_key(&users[0])).port(),
+        target.port()
+    );
+    // After the move: MOVED, and the service follows.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for token in &acked {
+        assert_eq!(app.verify_status(token).await, StatusCode::UNAUTHORIZED);
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut answers = 0;
+    for task in verifiers {
+        for (_, status) in task.await.unwrap() {
+            assert_eq!(status, StatusCode::OK, "a live session during the reshard");
+            answers += 1;
+        }
+    }
+    assert!(answers > users.len() * 5, "only {answers} verifies ran");
+    // Every record is on the target now, none left on the source.
+    for u in &users {
+        let key = user_key(u);
+        assert_eq!(
+            target.cmd(&["EXISTS", &key]),
+            ":1\r\n",
+            "{key} on the target"
+        );
+    }
+    assert_eq!(
+        source.cmd(&["CLUSTER", "COUNTKEYSINSLOT", &slot_s]),
+        ":0\r\n"
+    );
 }

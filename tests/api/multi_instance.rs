@@ -10,12 +10,20 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::fault_proxy::FaultProxy;
-use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_on, spawn_app_with};
+use crate::helpers::{TestApp, eventually, spawn_app_on, spawn_app_with};
+use crate::topology::Topo;
 
-async fn pair() -> (TestApp, TestApp) {
-    let a = spawn_app().await;
-    let b = spawn_app_on(&a.redis_url, &[]).await;
-    (a, b)
+/// Two instances on one topology, sharing the test's keys.
+async fn pair(t: &Topo) -> (TestApp, TestApp) {
+    (t.app(&[]).await, t.app(&[]).await)
+}
+
+/// The test's keys: one hash per user plus the global state (as `DBSIZE`
+/// would say on a Redis of its own).
+fn keys_of(t: &Topo) -> String {
+    let global = t.key("global");
+    let has_global = t.cmd(&global, &["EXISTS", &global]) == ":1\r\n";
+    format!(":{}\r\n", t.user_keys().len() + usize::from(has_global))
 }
 
 fn kid_of(token: &str) -> String {
@@ -24,9 +32,8 @@ fn kid_of(token: &str) -> String {
     json["kid"].as_str().unwrap().to_string()
 }
 
-#[tokio::test]
-async fn logout_on_one_instance_is_refused_at_once_on_the_other() {
-    let (a, b) = pair().await;
+async fn logout_on_one_instance_is_refused_at_once_on_the_other(t: Topo) {
+    let (a, b) = pair(&t).await;
     let s = a.create("alice", "laptop").await;
     assert_eq!(b.verify_status(&s.token).await, StatusCode::OK);
     assert_eq!(a.logout(&s.token).await.status(), StatusCode::NO_CONTENT);
@@ -34,9 +41,8 @@ async fn logout_on_one_instance_is_refused_at_once_on_the_other() {
     assert_eq!(b.verify_status(&s.token).await, StatusCode::UNAUTHORIZED);
 }
 
-#[tokio::test]
-async fn force_logout_of_a_user_is_refused_at_once_on_the_other() {
-    let (a, b) = pair().await;
+async fn force_logout_of_a_user_is_refused_at_once_on_the_other(t: Topo) {
+    let (a, b) = pair(&t).await;
     let s1 = a.create("bob", "laptop").await;
     let s2 = b.create("bob", "phone").await;
     let res = a.admin_revoke_user("bob", None).await;
@@ -47,7 +53,7 @@ async fn force_logout_of_a_user_is_refused_at_once_on_the_other() {
 
 /// Number of keys in Redis (each test owns its Redis): one hash per user
 /// plus the global state.
-fn keys_in_redis(app: &TestApp) -> String {
+fn app_keys(app: &TestApp) -> String {
     app.redis_cmd(&["DBSIZE"])
 }
 
@@ -65,7 +71,7 @@ fn event_subscribers(app: &TestApp) -> String {
 /// acknowledgement to the sending of each token's first refused request
 /// (the cutoff only rises, so a token refused once stays refused); polled
 /// with a generous deadline.
-async fn cutoff_alone_reaches(a: &TestApp, b: &TestApp) {
+async fn cutoff_alone_reaches(a: &TestApp, b: &TestApp, keys_in_redis: &dyn Fn() -> String) {
     let mut sessions = Vec::new();
     for i in 0..5 {
         sessions.push(b.create(&format!("carol-{i}"), "laptop").await);
@@ -74,13 +80,13 @@ async fn cutoff_alone_reaches(a: &TestApp, b: &TestApp) {
         assert_eq!(b.verify_status(&s.token).await, StatusCode::OK);
     }
     // One hash per user, plus the global state.
-    assert_eq!(keys_in_redis(a), ":6\r\n");
+    assert_eq!(keys_in_redis(), ":6\r\n");
     assert_eq!(a.logout_all().await.status(), StatusCode::OK);
     let acked = Instant::now();
     let mut latest = Duration::ZERO;
     for (i, s) in sessions.iter().enumerate() {
         assert_eq!(
-            keys_in_redis(a),
+            keys_in_redis(),
             format!(":{}\r\n", 6 - i),
             "a record went before B refused its token (purge not held back?)"
         );
@@ -103,7 +109,7 @@ async fn cutoff_alone_reaches(a: &TestApp, b: &TestApp) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(
-            keys_in_redis(a),
+            keys_in_redis(),
             format!(":{}\r\n", 5 - i),
             "B's refusal did not find the record dead by the cutoff"
         );
@@ -119,24 +125,21 @@ async fn cutoff_alone_reaches(a: &TestApp, b: &TestApp) {
 
 /// The pub/sub path alone: B's periodic re-read is 30 s away, so only the
 /// event pushed by A can carry the cutoff within the second.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logout_all_reaches_the_other_instance_by_pubsub_within_a_second() {
-    let a = spawn_app_with(&[("LOGOUT_ALL_PURGE_DELAY", "1h")]).await;
-    let b = spawn_app_on(
-        &a.redis_url,
-        &[
+async fn logout_all_reaches_the_other_instance_by_pubsub_within_a_second(t: Topo) {
+    let a = t.app(&[("LOGOUT_ALL_PURGE_DELAY", "1h")]).await;
+    let b = t
+        .app(&[
             ("LOGOUT_ALL_PURGE_DELAY", "1h"),
             ("STATE_REFRESH_INTERVAL", "30s"),
             ("STATE_MAX_STALENESS", "60s"),
-        ],
-    )
-    .await;
+        ])
+        .await;
     // Both listeners subscribed before the logout-all.
     eventually(Duration::from_secs(10), || async {
-        event_subscribers(&a).ends_with(":2\r\n")
+        t.event_subscribers() == 2
     })
     .await;
-    cutoff_alone_reaches(&a, &b).await;
+    cutoff_alone_reaches(&a, &b, &|| keys_of(&t)).await;
 }
 
 /// The periodic re-read alone: B connects as a Redis user that may not
@@ -185,12 +188,11 @@ async fn logout_all_reaches_the_other_instance_without_pubsub() {
         refused && event_subscribers(&a).ends_with(":1\r\n")
     })
     .await;
-    cutoff_alone_reaches(&a, &b).await;
+    cutoff_alone_reaches(&a, &b, &|| app_keys(&a)).await;
 }
 
-#[tokio::test]
-async fn key_rotation_reaches_the_other_instance_and_old_tokens_still_verify() {
-    let (a, b) = pair().await;
+async fn key_rotation_reaches_the_other_instance_and_old_tokens_still_verify(t: Topo) {
+    let (a, b) = pair(&t).await;
     let before = b.create("erin", "laptop").await;
     let old_kid = kid_of(&before.token);
     let res = a.rotate_keys().await;
@@ -218,9 +220,8 @@ async fn key_rotation_reaches_the_other_instance_and_old_tokens_still_verify() {
 /// The logout waits until the verifiers have seen the live session, and they
 /// stop once enough requests were sent after the acknowledgement (not at
 /// fixed times, which a loaded machine may miss).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_verifiers_never_pass_after_an_acknowledged_logout() {
-    let (a, b) = pair().await;
+async fn concurrent_verifiers_never_pass_after_an_acknowledged_logout(t: Topo) {
+    let (a, b) = pair(&t).await;
     let a = Arc::new(a);
     let b = Arc::new(b);
     let s = a.create("frank", "laptop").await;
@@ -417,3 +418,11 @@ async fn a_token_of_a_kid_rotated_in_elsewhere_verifies_at_once() {
         "B's reads for 20 concurrent requests"
     );
 }
+
+crate::on_every_topology!(
+    logout_on_one_instance_is_refused_at_once_on_the_other,
+    force_logout_of_a_user_is_refused_at_once_on_the_other,
+    logout_all_reaches_the_other_instance_by_pubsub_within_a_second,
+    key_rotation_reaches_the_other_instance_and_old_tokens_still_verify,
+    concurrent_verifiers_never_pass_after_an_acknowledged_logout,
+);

@@ -13,7 +13,8 @@ use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::helpers::{TestApp, assert_error, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, assert_error};
+use crate::topology::Topo;
 
 fn now_s() -> i64 {
     SystemTime::now()
@@ -97,12 +98,13 @@ fn fresh_session_id(user: &str) -> String {
 
 // --- idle timeout ----------------------------------------------------------------
 
-#[tokio::test]
-async fn idle_timeout_slides_with_each_verify_and_ends_an_idle_session() {
+async fn idle_timeout_slides_with_each_verify_and_ends_an_idle_session(t: Topo) {
     // Effective touch interval: min(1 s, 4 s / 10) = 400 ms. A 4 s idle
     // timeout leaves the busy session's verifies (every 0.5 s) more than 3 s
     // of slack on a loaded machine.
-    let app = spawn_app_with(&[("IDLE_TIMEOUT", "4s"), ("TOUCH_INTERVAL", "1s")]).await;
+    let app = t
+        .app(&[("IDLE_TIMEOUT", "4s"), ("TOUCH_INTERVAL", "1s")])
+        .await;
     let busy = app.create("ida", "busy").await;
     let idle = app.create("ida", "idle").await;
     assert_eq!(app.verify_status(&busy.token).await, StatusCode::OK);
@@ -146,9 +148,10 @@ async fn idle_timeout_slides_with_each_verify_and_ends_an_idle_session() {
 
 // --- absolute lifetime ---------------------------------------------------------
 
-#[tokio::test]
-async fn absolute_lifetime_ends_a_session_even_when_it_is_busy() {
-    let app = spawn_app_with(&[("ABSOLUTE_LIFETIME", "4s"), ("IDLE_TIMEOUT", "1h")]).await;
+async fn absolute_lifetime_ends_a_session_even_when_it_is_busy(t: Topo) {
+    let app = t
+        .app(&[("ABSOLUTE_LIFETIME", "4s"), ("IDLE_TIMEOUT", "1h")])
+        .await;
     let before_create = Instant::now();
     let s = app.create("abe", "laptop").await;
     let after_create = Instant::now();
@@ -184,11 +187,10 @@ async fn absolute_lifetime_ends_a_session_even_when_it_is_busy() {
 
 // --- re-authentication -------------------------------------------------------------
 
-#[tokio::test]
-async fn reauth_after_demands_a_fresh_password_and_reauth_restores_the_same_token() {
+async fn reauth_after_demands_a_fresh_password_and_reauth_restores_the_same_token(t: Topo) {
     // 3 s: the checks right after the reauth below must run before the
     // password is old again, which a loaded machine may not do within 1 s.
-    let app = spawn_app_with(&[("REAUTH_AFTER", "3s")]).await;
+    let app = t.app(&[("REAUTH_AFTER", "3s")]).await;
     let s = app.create("rita", "laptop").await;
     assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
 
@@ -221,9 +223,8 @@ async fn reauth_after_demands_a_fresh_password_and_reauth_restores_the_same_toke
     assert_insufficient(app.verify(&s.token).await, 3).await;
 }
 
-#[tokio::test]
-async fn reauth_refuses_unknown_revoked_and_wrongly_keyed_calls() {
-    let app = spawn_app().await;
+async fn reauth_refuses_unknown_revoked_and_wrongly_keyed_calls(t: Topo) {
+    let app = t.app(&[]).await;
     let kept = app.create("rex", "laptop").await;
     let revoked = app.create("rex", "phone").await;
     assert_eq!(
@@ -270,10 +271,9 @@ async fn reauth_refuses_unknown_revoked_and_wrongly_keyed_calls() {
     assert_eq!(app.verify_status(&kept.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn an_old_auth_time_fails_a_route_max_age_but_passes_plain_verify() {
+async fn an_old_auth_time_fails_a_route_max_age_but_passes_plain_verify(t: Topo) {
     // Default reauth_after: 12 h.
-    let app = spawn_app().await;
+    let app = t.app(&[]).await;
     let auth_time = now_s() - 3600;
     let s = app
         .create_body(json!({"user_id": "olga", "device_id": "laptop", "auth_time": auth_time}))
@@ -307,9 +307,8 @@ async fn an_old_auth_time_fails_a_route_max_age_but_passes_plain_verify() {
     assert_eq!(res.status(), StatusCode::OK);
 }
 
-#[tokio::test]
-async fn an_auth_time_in_the_future_is_refused_and_nothing_is_stored() {
-    let app = spawn_app().await;
+async fn an_auth_time_in_the_future_is_refused_and_nothing_is_stored(t: Topo) {
+    let app = t.app(&[]).await;
     for auth_time in [now_s() + 3600, now_s() + 60, i64::MAX / 1000, i64::MAX] {
         let res = app
             .create_raw(json!({"user_id": "fred", "device_id": "laptop", "auth_time": auth_time}))
@@ -334,9 +333,8 @@ async fn an_auth_time_in_the_future_is_refused_and_nothing_is_stored() {
     assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn route_max_age_passes_for_a_fresh_session_and_bad_values_are_400() {
-    let app = spawn_app().await;
+async fn route_max_age_passes_for_a_fresh_session_and_bad_values_are_400(t: Topo) {
+    let app = t.app(&[]).await;
     let s = app.create("maxi", "laptop").await;
     for path in [
         "/v1/verify?max_age=300",
@@ -379,15 +377,15 @@ async fn route_max_age_passes_for_a_fresh_session_and_bad_values_are_400() {
 
 // --- session cap -------------------------------------------------------------------
 
-#[tokio::test]
-async fn one_session_over_the_cap_evicts_the_least_recently_used() {
+async fn one_session_over_the_cap_evicts_the_least_recently_used(t: Topo) {
     // Effective touch interval: min(1 s, 10 s / 10) = 1 s.
-    let app = spawn_app_with(&[
-        ("MAX_SESSIONS_PER_USER", "3"),
-        ("IDLE_TIMEOUT", "10s"),
-        ("TOUCH_INTERVAL", "1s"),
-    ])
-    .await;
+    let app = t
+        .app(&[
+            ("MAX_SESSIONS_PER_USER", "3"),
+            ("IDLE_TIMEOUT", "10s"),
+            ("TOUCH_INTERVAL", "1s"),
+        ])
+        .await;
     let a = app.create("cap", "a").await;
     let b = app.create("cap", "b").await;
     let c = app.create("cap", "c").await;
@@ -427,9 +425,8 @@ async fn one_session_over_the_cap_evicts_the_least_recently_used() {
     .await;
 }
 
-#[tokio::test]
-async fn a_new_login_on_a_known_device_at_the_cap_evicts_nobody() {
-    let app = spawn_app_with(&[("MAX_SESSIONS_PER_USER", "3")]).await;
+async fn a_new_login_on_a_known_device_at_the_cap_evicts_nobody(t: Topo) {
+    let app = t.app(&[("MAX_SESSIONS_PER_USER", "3")]).await;
     let a = app.create("relog", "a").await;
     let b = app.create("relog", "b").await;
     let c = app.create("relog", "c").await;
@@ -454,10 +451,9 @@ async fn a_new_login_on_a_known_device_at_the_cap_evicts_nobody() {
     .await;
 }
 
-#[tokio::test]
-async fn parallel_creates_one_over_the_cap_leave_exactly_the_cap() {
+async fn parallel_creates_one_over_the_cap_leave_exactly_the_cap(t: Topo) {
     const CAP: usize = 5;
-    let app = spawn_app_with(&[("MAX_SESSIONS_PER_USER", "5")]).await;
+    let app = t.app(&[("MAX_SESSIONS_PER_USER", "5")]).await;
     let devices: Vec<String> = (0..=CAP).map(|i| format!("device-{i}")).collect();
     let created = join_all(devices.iter().map(|d| app.create("para", d))).await;
 
@@ -490,9 +486,8 @@ async fn parallel_creates_one_over_the_cap_leave_exactly_the_cap() {
     assert_eq!(live, ids.iter().map(String::as_str).collect());
 }
 
-#[tokio::test]
-async fn parallel_creates_on_one_device_leave_exactly_one_session() {
-    let app = spawn_app().await;
+async fn parallel_creates_on_one_device_leave_exactly_one_session(t: Topo) {
+    let app = t.app(&[]).await;
     let created = join_all((0..8).map(|_| app.create("solo", "the-phone"))).await;
     let distinct: BTreeSet<&str> = created.iter().map(|s| s.session_id.as_str()).collect();
     assert_eq!(distinct.len(), 8);
@@ -510,3 +505,17 @@ async fn parallel_creates_on_one_device_leave_exactly_one_session() {
         .unwrap();
     assert_eq!(ids[0], survivor);
 }
+
+crate::on_every_topology!(
+    idle_timeout_slides_with_each_verify_and_ends_an_idle_session,
+    absolute_lifetime_ends_a_session_even_when_it_is_busy,
+    reauth_after_demands_a_fresh_password_and_reauth_restores_the_same_token,
+    reauth_refuses_unknown_revoked_and_wrongly_keyed_calls,
+    an_old_auth_time_fails_a_route_max_age_but_passes_plain_verify,
+    an_auth_time_in_the_future_is_refused_and_nothing_is_stored,
+    route_max_age_passes_for_a_fresh_session_and_bad_values_are_400,
+    one_session_over_the_cap_evicts_the_least_recently_used,
+    a_new_login_on_a_known_device_at_the_cap_evicts_nobody,
+    parallel_creates_one_over_the_cap_leave_exactly_the_cap,
+    parallel_creates_on_one_device_leave_exactly_one_session,
+);

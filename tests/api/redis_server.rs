@@ -129,6 +129,11 @@ impl TestRedis {
         panic!("redis-server found no free port in {PORT_ATTEMPTS} attempts")
     }
 
+    /// Whether the server process runs (not [`TestRedis::kill9`]ed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// The TCP port the server listens on (on 127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port

@@ -3,11 +3,11 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{assert_error, spawn_app};
+use crate::helpers::assert_error;
+use crate::topology::Topo;
 
-#[tokio::test]
-async fn create_then_verify_returns_identity_headers() {
-    let app = spawn_app().await;
+async fn create_then_verify_returns_identity_headers(t: Topo) {
+    let app = t.app(&[]).await;
     let s = app.create("alice", "laptop").await;
     assert_eq!(s.user_id, "alice");
     assert_eq!(s.device_id, "laptop");
@@ -24,9 +24,8 @@ async fn create_then_verify_returns_identity_headers() {
     assert!(h.get("x-request-id").is_some());
 }
 
-#[tokio::test]
-async fn logout_makes_the_same_token_fail_forever() {
-    let app = spawn_app().await;
+async fn logout_makes_the_same_token_fail_forever(t: Topo) {
+    let app = t.app(&[]).await;
     let s = app.create("bob", "phone").await;
     assert_eq!(app.verify_status(&s.token).await, StatusCode::OK);
     assert_eq!(app.logout(&s.token).await.status(), StatusCode::NO_CONTENT);
@@ -47,9 +46,8 @@ async fn logout_makes_the_same_token_fail_forever() {
     .await;
 }
 
-#[tokio::test]
-async fn verify_accepts_any_method_and_a_tail_path() {
-    let app = spawn_app().await;
+async fn verify_accepts_any_method_and_a_tail_path(t: Topo) {
+    let app = t.app(&[]).await;
     let s = app.create("carol", "tablet").await;
     for method in ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"] {
         let res = app
@@ -63,9 +61,8 @@ async fn verify_accepts_any_method_and_a_tail_path() {
     }
 }
 
-#[tokio::test]
-async fn token_is_taken_from_the_cookie_when_no_header() {
-    let app = spawn_app().await;
+async fn token_is_taken_from_the_cookie_when_no_header(t: Topo) {
+    let app = t.app(&[]).await;
     let s = app.create("dave", "browser").await;
     let res = app
         .request(reqwest::Method::GET, "/v1/verify")
@@ -84,9 +81,8 @@ async fn token_is_taken_from_the_cookie_when_no_header() {
     assert_error(res, StatusCode::UNAUTHORIZED, "invalid_token").await;
 }
 
-#[tokio::test]
-async fn current_session_and_listing_show_every_device() {
-    let app = spawn_app().await;
+async fn current_session_and_listing_show_every_device(t: Topo) {
+    let app = t.app(&[]).await;
     let laptop = app
         .create_body(json!({"user_id": "erin", "device_id": "laptop",
             "metadata": {"ip": "192.0.2.1", "user_agent": "Firefox"}}))
@@ -122,9 +118,8 @@ async fn current_session_and_listing_show_every_device() {
     }
 }
 
-#[tokio::test]
-async fn logout_everywhere_else_keeps_the_current_device() {
-    let app = spawn_app().await;
+async fn logout_everywhere_else_keeps_the_current_device(t: Topo) {
+    let app = t.app(&[]).await;
     let a = app.create("gina", "a").await;
     let b = app.create("gina", "b").await;
     let c = app.create("gina", "c").await;
@@ -138,9 +133,8 @@ async fn logout_everywhere_else_keeps_the_current_device() {
     assert_eq!(app.verify_status(&other_user.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn logout_of_one_other_device_and_404_for_someone_elses() {
-    let app = spawn_app().await;
+async fn logout_of_one_other_device_and_404_for_someone_elses(t: Topo) {
+    let app = t.app(&[]).await;
     let mine = app.create("ivan", "laptop").await;
     let my_phone = app.create("ivan", "phone").await;
     let theirs = app.create("judy", "phone").await;
@@ -164,9 +158,8 @@ async fn logout_of_one_other_device_and_404_for_someone_elses() {
     assert_error(res, StatusCode::NOT_FOUND, "not_found").await;
 }
 
-#[tokio::test]
-async fn same_device_login_replaces_the_older_session() {
-    let app = spawn_app().await;
+async fn same_device_login_replaces_the_older_session(t: Topo) {
+    let app = t.app(&[]).await;
     let first = app.create("kate", "laptop").await;
     let second = app.create("kate", "laptop").await;
     assert_ne!(first.session_id, second.session_id);
@@ -177,9 +170,8 @@ async fn same_device_login_replaces_the_older_session() {
     assert_eq!(app.verify_status(&second.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn device_id_defaults_to_a_random_one() {
-    let app = spawn_app().await;
+async fn device_id_defaults_to_a_random_one(t: Topo) {
+    let app = t.app(&[]).await;
     let a = app.create_body(json!({"user_id": "leo"})).await;
     let b = app.create_body(json!({"user_id": "leo"})).await;
     assert!(!a.device_id.is_empty());
@@ -188,9 +180,8 @@ async fn device_id_defaults_to_a_random_one() {
     assert_eq!(app.verify_status(&b.token).await, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn user_ids_with_key_syntax_and_unicode_stay_apart() {
-    let app = spawn_app().await;
+async fn user_ids_with_key_syntax_and_unicode_stay_apart(t: Topo) {
+    let app = t.app(&[]).await;
     let weird = ["a*", "ab", "{x}", "x", "a:b c", "ünïcødé", "a\\*"];
     let mut created = Vec::new();
     for user in weird {
@@ -215,9 +206,8 @@ async fn user_ids_with_key_syntax_and_unicode_stay_apart() {
     }
 }
 
-#[tokio::test]
-async fn the_tail_form_tolerates_the_apps_query_and_takes_max_age_from_a_header() {
-    let app = spawn_app().await;
+async fn the_tail_form_tolerates_the_apps_query_and_takes_max_age_from_a_header(t: Topo) {
+    let app = t.app(&[]).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -269,9 +259,8 @@ async fn the_tail_form_tolerates_the_apps_query_and_takes_max_age_from_a_header(
     assert_error(res, StatusCode::BAD_REQUEST, "invalid_request").await;
 }
 
-#[tokio::test]
-async fn a_login_right_after_logout_all_is_alive() {
-    let app = spawn_app().await;
+async fn a_login_right_after_logout_all_is_alive(t: Topo) {
+    let app = t.app(&[]).await;
     for i in 0..15 {
         assert_eq!(app.logout_all().await.status(), StatusCode::OK);
         let s = app.create(&format!("nina{i}"), "d").await;
@@ -282,3 +271,18 @@ async fn a_login_right_after_logout_all_is_alive() {
         );
     }
 }
+
+crate::on_every_topology!(
+    create_then_verify_returns_identity_headers,
+    logout_makes_the_same_token_fail_forever,
+    verify_accepts_any_method_and_a_tail_path,
+    token_is_taken_from_the_cookie_when_no_header,
+    current_session_and_listing_show_every_device,
+    logout_everywhere_else_keeps_the_current_device,
+    logout_of_one_other_device_and_404_for_someone_elses,
+    same_device_login_replaces_the_older_session,
+    device_id_defaults_to_a_random_one,
+    user_ids_with_key_syntax_and_unicode_stay_apart,
+    the_tail_form_tolerates_the_apps_query_and_takes_max_age_from_a_header,
+    a_login_right_after_logout_all_is_alive,
+);

@@ -87,7 +87,7 @@ async fn the_touch_records_the_last_address_and_user_agent_and_listings_label_th
     assert_eq!(current["last_user_agent"], SAFARI_IPHONE);
 
     // A later touch from elsewhere replaces them, and the record (grown
-    // from 6 elements to 9 by the touch) still verifies.
+    // from 7 elements to 9 by the touch) still verifies.
     let moved = touched(
         &app,
         &s.token,

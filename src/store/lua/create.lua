@@ -1,5 +1,6 @@
 -- create.lua: stores a new session for a user, atomically:
---   * prunes the user's dead records (expired, idle, before the cutoff),
+--   * prunes the user's dead records (expired, idle, before the cutoff or
+--     of an older epoch),
 --   * replaces the user's session on the same device,
 --   * evicts least-recently-used sessions down to the cap,
 --   * sets the hash expiry to the latest deadline of what remains.
@@ -8,13 +9,16 @@
 -- ARGV[1]  session field  ARGV[2] user id  ARGV[3] device id
 -- ARGV[4]  auth_time ms ("" = now)         ARGV[5] metadata JSON ("" = none)
 -- ARGV[6]  idle timeout ms  ARGV[7] absolute lifetime ms
--- ARGV[8]  max sessions per user  ARGV[9] global cutoff ms  ARGV[10] nonce
+-- ARGV[8]  max sessions per user  ARGV[9] global cutoff ms
+-- ARGV[10] logout-all epoch the caller knows (stamped into the record)
+-- ARGV[11] nonce
 -- Returns  {nonce, created_ms, expires_ms, auth_time_ms, replaced, evicted}
 --          (created_ms is after the cutoff even within its millisecond)
 --          or an error reply when the user tag collides with another user.
 local key = KEYS[1]
 local now = now_ms()
 local idle, cap, cutoff = tonumber(ARGV[6]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local epoch = tonumber(ARGV[10])
 local owner = redis.call('HGET', key, '!u')
 if owner and owner ~= ARGV[2] then
   return redis.error_reply('ERR sessiongate user tag collision')
@@ -27,7 +31,7 @@ for i = 1, #all, 2 do
   local f = all[i]
   if is_session_field(f) then
     local rec = cmsgpack.unpack(all[i + 1])
-    if not alive(rec, now, idle, cutoff) then
+    if not alive(rec, now, idle, cutoff, epoch) then
       doomed[#doomed + 1] = f
     elseif rec[5] == ARGV[3] then
       doomed[#doomed + 1] = f
@@ -53,7 +57,7 @@ local expires = now + tonumber(ARGV[7])
 -- A session is revoked when created at or before the cutoff; one created in
 -- the very millisecond of a logout-all must not be dead on arrival.
 local created = math.max(now, cutoff + 1)
-local rec = {created, created, auth, expires, ARGV[3], ARGV[5]}
+local rec = {created, created, auth, expires, ARGV[3], ARGV[5], epoch}
 redis.call('HSET', key, '!u', ARGV[2], ARGV[1], cmsgpack.pack(rec))
 for _, f in ipairs(doomed) do
   redis.call('HDEL', key, f)
@@ -63,4 +67,4 @@ for i = first, #live do
   until_ms = math.max(until_ms, live[i][3])
 end
 redis.call('PEXPIREAT', key, until_ms)
-return {ARGV[10], created, expires, auth, replaced, evicted}
+return {ARGV[11], created, expires, auth, replaced, evicted}

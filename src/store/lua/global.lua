@@ -1,6 +1,12 @@
 -- global.lua: the small global state every instance caches, one hash
 -- (key `<prefix>global`, no TTL):
---   cutoff -> ms; sessions created at or before it are revoked (logout-all)
+--   cutoff -> ms; sessions created at or before it are revoked (by time:
+--             `revoke-before`; logout-all raises it too, for its reply)
+--   epoch  -> the logout-all epoch: a session record carries the epoch its
+--             creator knew and is dead once below this one. Only rises: each
+--             logout-all sets it to max(epoch + 1, now ms), so it never
+--             depends on a clock for order, and a state lost and initialised
+--             again (to now) still lands above the epochs of old records.
 --   ring   -> JSON {"active": kid, "keys": [{"kid": kid, "retire_at": ms or 0}]}
 -- Key material never lives here: signing keys derive from the secret and kid.
 -- Every change is published on the events channel so instances re-read it.
@@ -11,9 +17,11 @@
 --               "rotate" - new active kid ARGV[2]; the old one retires at
 --                         now + ARGV[3] ms; retired kids are dropped
 --               "cutoff" - cutoff := max(cutoff, min(ARGV[2], now)), or now if ""
---                         (it never moves back, nor into the future)
+--                         (it never moves back, nor into the future); with
+--                         "" (logout-all, `revoke-before now`) the epoch
+--                         rises as well
 -- ARGV[4]  events channel  ARGV[5] nonce
--- Returns  {nonce, cutoff_ms, ring_json, now_ms}
+-- Returns  {nonce, cutoff_ms, ring_json, now_ms, epoch}
 local key, op, nonce = KEYS[1], ARGV[1], ARGV[5]
 local now = now_ms()
 local changed = false
@@ -21,6 +29,12 @@ local cutoff = tonumber(redis.call('HGET', key, 'cutoff') or '')
 if not cutoff then
   cutoff = now
   redis.call('HSET', key, 'cutoff', cutoff)
+  changed = true
+end
+local epoch = tonumber(redis.call('HGET', key, 'epoch') or '')
+if not epoch then
+  epoch = now
+  redis.call('HSET', key, 'epoch', epoch)
   changed = true
 end
 local ring_json = redis.call('HGET', key, 'ring')
@@ -55,10 +69,15 @@ elseif op == 'cutoff' then
     redis.call('HSET', key, 'cutoff', cutoff)
     changed = true
   end
+  if ARGV[2] == '' then
+    epoch = math.max(epoch + 1, now)
+    redis.call('HSET', key, 'epoch', epoch)
+    changed = true
+  end
 end
 if changed then
   ring_json = cjson.encode(ring)
   redis.call('HSET', key, 'ring', ring_json)
   redis.call('PUBLISH', ARGV[4], op)
 end
-return {nonce, cutoff, ring_json, now}
+return {nonce, cutoff, ring_json, now, epoch}

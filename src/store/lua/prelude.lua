@@ -7,10 +7,11 @@
 --       {created_ms, last_seen_ms, auth_time_ms, expires_ms, device_id, metadata_json,
 --        epoch, last_ip, last_user_agent}
 --     elements 8 and 9 (strings, "" when unknown) are written only by the
---     touch (touch.lua), so a record the touch never slid has 6 or 7;
---     every reader tolerates their absence. (7 `epoch` is the logout-all
---     helper's; the touch writes 0 there when it is absent.)
--- All times come from Redis TIME, so every instance shares one clock.
+--     touch (touch.lua) when it slides the record, so a record the touch
+--     never slid has 7; every reader tolerates their absence.
+-- Times come from Redis TIME on the node holding the hash (in a Cluster, each
+-- node's own clock). `epoch` is the logout-all epoch the creating instance
+-- knew (global.lua): logout-all is judged by it, never by comparing clocks.
 --
 -- Every script's last ARGV is a nonce, unique per call, and every reply
 -- starts with it: the caller refuses a reply that does not echo its own
@@ -22,9 +23,12 @@ local function now_ms()
 end
 
 -- A record is alive while it is within its absolute lifetime, was seen within
--- the idle timeout, and was created after the global logout-all cutoff.
-local function alive(rec, now, idle, cutoff)
+-- the idle timeout, was created after the global cutoff (`revoke-before`, by
+-- time) and carries the current logout-all epoch or a later one (a record
+-- without one is from before epochs: dead).
+local function alive(rec, now, idle, cutoff, epoch)
   return rec[4] > now and rec[2] + idle > now and rec[1] > cutoff
+    and (rec[7] or 0) >= epoch
 end
 
 -- When the record stops being alive by time alone.

@@ -6,7 +6,7 @@
 --
 -- KEYS[1]  global hash
 -- ARGV[1]  nonce
--- Returns  {nonce, cutoff_ms or nil, ring_json or nil, now_ms}
-local v = redis.call('HMGET', KEYS[1], 'cutoff', 'ring')
+-- Returns  {nonce, cutoff_ms or nil, ring_json or nil, epoch or nil, now_ms}
+local v = redis.call('HMGET', KEYS[1], 'cutoff', 'ring', 'epoch')
 local t = redis.call('TIME')
-return {ARGV[1], v[1], v[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+return {ARGV[1], v[1], v[2], v[3], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}

@@ -2,18 +2,18 @@
 --
 -- KEYS[1]  user hash
 -- ARGV[1]  session field  ARGV[2] idle timeout ms  ARGV[3] global cutoff ms
--- ARGV[4]  nonce
+-- ARGV[4]  logout-all epoch  ARGV[5] nonce
 -- Returns  {nonce, 0} when the session is not alive, else {nonce, 1, auth_time_ms}
 local key, field = KEYS[1], ARGV[1]
 local blob = redis.call('HGET', key, field)
 if not blob then
-  return {ARGV[4], 0}
+  return {ARGV[5], 0}
 end
 local now = now_ms()
 local rec = cmsgpack.unpack(blob)
-if not alive(rec, now, tonumber(ARGV[2]), tonumber(ARGV[3])) then
-  return {ARGV[4], 0}
+if not alive(rec, now, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])) then
+  return {ARGV[5], 0}
 end
 rec[3] = now
 redis.call('HSET', key, field, cmsgpack.pack(rec))
-return {ARGV[4], 1, now}
+return {ARGV[5], 1, now}

@@ -5,15 +5,23 @@
 -- ARGV[1]  mode: "one"    - the session in field ARGV[2]
 --                "except" - every session but field ARGV[2] ("" keeps none)
 --                "device" - every session whose device id is ARGV[2]
---                "before" - every session created at or before ARGV[2] ms
--- ARGV[3]  idle timeout ms  ARGV[4] global cutoff ms  ARGV[5] nonce
+--                "dead"   - the logout-all purge: every session the given
+--                           cutoff and epoch kill, counted when alive by time
+-- ARGV[3]  idle timeout ms  ARGV[4] global cutoff ms  ARGV[5] logout-all epoch
+-- ARGV[6]  nonce
 -- Returns  {nonce, the number of live sessions removed}
 local key, mode, arg = KEYS[1], ARGV[1], ARGV[2]
-local idle, cutoff = tonumber(ARGV[3]), tonumber(ARGV[4])
+local idle, cutoff, epoch = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
 local removed = 0
+-- What counts as live when removed: for the purge, time alone, so it counts
+-- the sessions the logout-all revoked.
+local count_cutoff, count_epoch = cutoff, epoch
+if mode == 'dead' then
+  count_cutoff, count_epoch = -1, -1
+end
 local function drop(f, rec)
-  if alive(rec, now, idle, cutoff) then
+  if alive(rec, now, idle, count_cutoff, count_epoch) then
     removed = removed + 1
   end
   redis.call('HDEL', key, f)
@@ -31,12 +39,11 @@ else
       local rec = cmsgpack.unpack(all[i + 1])
       if (mode == 'except' and f ~= arg)
           or (mode == 'device' and rec[5] == arg)
-          or (mode == 'before' and rec[1] <= tonumber(arg))
-          or not alive(rec, now, idle, cutoff) then
+          or not alive(rec, now, idle, cutoff, epoch) then
         drop(f, rec)
       end
     end
   end
 end
 drop_if_empty(key)
-return {ARGV[5], removed}
+return {ARGV[6], removed}
