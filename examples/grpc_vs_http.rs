@@ -171,7 +171,9 @@ async fn main() {
     }
     let channels = Arc::new(channels);
 
-    let mut rows: Vec<(&str, Vec<(f64, f64, f64)>)> =
+    // Per row: one measurement triple per round.
+    type Rounds = Vec<(f64, f64, f64)>;
+    let mut rows: Vec<(&str, Rounds)> =
         vec![("HTTP GET /v1/verify", vec![]), ("gRPC Check", vec![])];
     if args.http_assertion.is_some() {
         rows.push(("HTTP /v1/verify + X-Session-Assertion", vec![]));

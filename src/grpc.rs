@@ -70,7 +70,7 @@ impl ExtAuthz {
         let decision = async {
             let source = Checked::of(check);
             let max_age = source.max_age()?;
-            verify::decide(&self.state, &source, max_age).await
+            verify::decide(&self.state, &source, max_age, None).await
         };
         let result = match deadline {
             None => decision.await,

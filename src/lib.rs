@@ -24,6 +24,8 @@
 //! - [`grpc`]: Envoy's gRPC `ext_authz` check, the same decision as `/v1/verify`.
 //! - [`console`]: the admin console pages under `/admin/`.
 //! - [`timefmt`]: UTC times for people (console, `sessiongate admin`).
+//! - [`whereabouts`]: where a session was used from (client address through
+//!   trusted proxies, bounded user agent, device label).
 
 pub mod assertion;
 pub mod config;
@@ -41,3 +43,4 @@ pub mod store;
 pub mod telemetry;
 pub mod timefmt;
 pub mod token;
+pub mod whereabouts;

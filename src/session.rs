@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::state::{Global, GlobalState};
 use crate::store::{GlobalOp, Liveness, NewSession, Revoke, SessionRecord, Store, StoreError};
 use crate::token::{Claims, TokenCodec, TokenError, VerifiedToken, kid_of, new_kid};
+use crate::whereabouts::Seen;
 
 /// Milliseconds since the Unix epoch, from this host's clock.
 pub fn now_ms() -> i64 {
@@ -318,6 +319,18 @@ impl SessionService {
         reauth: Reauth,
         full_record: bool,
     ) -> Result<ActiveSession, ServiceError> {
+        self.verify_from(token, reauth, full_record, None).await
+    }
+
+    /// [`SessionService::verify`], recording where the request came from
+    /// (`seen`, called only when the throttled touch is due) in the record.
+    pub async fn verify_from(
+        &self,
+        token: &str,
+        reauth: Reauth,
+        full_record: bool,
+        seen: Option<&(dyn Fn() -> Seen + Sync)>,
+    ) -> Result<ActiveSession, ServiceError> {
         let (verified, state) = self.check_token(token).await?;
         // Introspection and listing are not user activity: no touch, no
         // password-age policy. Verify is: touch, and enforce the policy in
@@ -345,6 +358,7 @@ impl SessionService {
                 max_auth_age_ms,
                 full_record,
                 &state.clock,
+                seen,
             )
             .await?
             .ok_or(ServiceError::SessionGone)?;

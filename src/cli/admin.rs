@@ -746,10 +746,15 @@ fn print_sessions(user: &str, list: &Value) -> Result<(), Failure> {
         "LAST SEEN",
         "PASSWORD",
         "EXPIRES",
+        "BROWSER",
+        "FIRST IP",
+        "LAST IP",
+        "LAST USER AGENT",
         "METADATA",
     ]);
     for s in sessions {
         let secs = |k: &str| s[k].as_i64();
+        let text = |k: &str| s[k].as_str().unwrap_or("-").to_string();
         t.add_row(vec![
             s["session_id"].as_str().unwrap_or("?").to_string(),
             s["device_id"].as_str().unwrap_or("?").to_string(),
@@ -763,6 +768,10 @@ fn print_sessions(user: &str, list: &Value) -> Result<(), Failure> {
             secs("expires_at")
                 .map(|t| relative(now, t))
                 .unwrap_or_default(),
+            text("device_label"),
+            text("first_ip"),
+            text("last_ip"),
+            cut(&text("last_user_agent")),
             metadata(&s["metadata"]),
         ]);
     }
@@ -811,12 +820,17 @@ fn metadata(v: &Value) -> String {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            let cut: String = v.chars().take(40).collect();
-            let more = if cut.len() < v.len() { "…" } else { "" };
-            format!("{k}={cut}{more}")
+            format!("{k}={}", cut(&v))
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `v` cut to 40 characters, with "…" when it was longer.
+fn cut(v: &str) -> String {
+    let cut: String = v.chars().take(40).collect();
+    let more = if cut.len() < v.len() { "…" } else { "" };
+    format!("{cut}{more}")
 }
 
 fn now_secs() -> i64 {

@@ -510,6 +510,15 @@ async fn counters_json(admin: Option<ConsoleAdmin>, state: web::Data<AppState>) 
 }
 
 fn row(tag: &crate::domain::UserTag, r: SessionRecord) -> Row {
+    let metadata = Metadata::to_json(&r.metadata);
+    let device_label = r
+        .last_user_agent
+        .as_deref()
+        .or(crate::whereabouts::meta_str(
+            &metadata,
+            crate::whereabouts::UA_KEYS,
+        ))
+        .and_then(crate::whereabouts::device_label);
     Row {
         session_id: format!("{}{}", tag.as_str(), r.field),
         device_id: r.device_id,
@@ -517,7 +526,10 @@ fn row(tag: &crate::domain::UserTag, r: SessionRecord) -> Row {
         last_seen_ms: r.last_seen_ms,
         auth_time_ms: r.auth_time_ms,
         expires_ms: r.expires_ms,
-        metadata: Metadata::to_json(&r.metadata),
+        metadata,
+        last_ip: r.last_ip,
+        last_user_agent: r.last_user_agent,
+        device_label,
     }
 }
 

@@ -17,6 +17,11 @@ pub struct Row {
     pub auth_time_ms: i64,
     pub expires_ms: i64,
     pub metadata: Value,
+    /// As the last touch recorded them (see `crate::whereabouts`).
+    pub last_ip: Option<String>,
+    pub last_user_agent: Option<String>,
+    /// Browser and system, from the last user agent, else the login's.
+    pub device_label: Option<String>,
 }
 
 /// Live numbers of this instance.
@@ -183,20 +188,18 @@ fn state_of(r: &Row, p: &Policy) -> String {
     state
 }
 
-fn meta_str<'a>(meta: &'a Value, keys: &[&str]) -> Option<&'a str> {
-    keys.iter()
-        .find_map(|k| meta.get(*k).and_then(Value::as_str))
-}
-
-const IP_KEYS: &[&str] = &["ip", "ip_address", "client_ip", "remote_addr"];
-const UA_KEYS: &[&str] = &["user_agent", "ua", "user-agent", "userAgent"];
+use crate::whereabouts::{IP_KEYS, UA_KEYS, meta_str};
 
 fn session_facts(r: &Row, p: &Policy) -> Markup {
     html! {
         dl class="facts" {
             div { dt { "Device" } dd { (r.device_id) } }
-            div { dt { "IP" } dd { (meta_str(&r.metadata, IP_KEYS).unwrap_or("not recorded")) } }
-            div { dt { "User agent" } dd { (meta_str(&r.metadata, UA_KEYS).unwrap_or("not recorded")) } }
+            div { dt { "Browser" } dd class="device-label" { (r.device_label.as_deref().unwrap_or("not recognised")) } }
+            div { dt { "First IP" } dd class="first-ip" { (meta_str(&r.metadata, IP_KEYS).unwrap_or("not recorded")) } }
+            div { dt { "Last IP" } dd class="last-ip" { (r.last_ip.as_deref().unwrap_or("not recorded yet")) } }
+            div { dt { "User agent" } dd class="user-agent" {
+                (r.last_user_agent.as_deref().or(meta_str(&r.metadata, UA_KEYS)).unwrap_or("not recorded"))
+            } }
             div { dt { "Created" } dd { (fmt_utc(r.created_ms)) } }
             div { dt { "Last seen" } dd { (fmt_utc(r.last_seen_ms)) " (" (fmt_span(p.now_ms - r.last_seen_ms)) " ago)" } }
             div { dt { "Password age" } dd { (fmt_span(p.now_ms - r.auth_time_ms)) } }

@@ -13,12 +13,13 @@
 //! one. Tokens in an `Authorization` header are exempt.
 
 use actix_web::HttpRequest;
-use actix_web::http::header;
+use actix_web::http::header::{self, HeaderMap};
 
 use std::sync::atomic::AtomicBool;
 
 use crate::config::IpNet;
 use crate::error::ApiError;
+use crate::whereabouts::{self, Seen};
 
 /// Whether the misconfiguration warning was logged (once per process).
 static WARNED_UNTRUSTED: AtomicBool = AtomicBool::new(false);
@@ -38,6 +39,31 @@ impl OriginPolicy {
             && req
                 .peer_addr()
                 .is_some_and(|a| self.trusted_proxies.iter().any(|n| n.contains(a.ip())))
+    }
+
+    /// Where the request came from (see [`crate::whereabouts`]): the
+    /// client's address, through `X-Forwarded-For` / `X-Real-IP` only from
+    /// a peer in `trusted_proxies`, and its bounded user agent.
+    /// (From the request's peer and headers, so it can be worked out later
+    /// on another thread: only when the touch is due.)
+    pub fn seen_of(&self, peer: Option<std::net::SocketAddr>, headers: &HeaderMap) -> Seen {
+        let ip = whereabouts::client_ip(
+            peer.map(|a| a.ip()),
+            headers
+                .get_all("x-forwarded-for")
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .into_iter(),
+            headers.get("x-real-ip").and_then(|v| v.to_str().ok()),
+            &self.trusted_proxies,
+        );
+        Seen {
+            ip: ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            user_agent: headers
+                .get(header::USER_AGENT)
+                .map(|v| whereabouts::bounded_user_agent(v.as_bytes()))
+                .unwrap_or_default(),
+        }
     }
 
     /// The method of the original request.

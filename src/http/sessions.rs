@@ -12,6 +12,7 @@ use crate::domain::{DeviceId, Metadata, SessionId, UserId, UserTag};
 use crate::error::{ApiError, ErrorBody};
 use crate::session::{CreateRequest, Reauth};
 use crate::store::{Revoke, SessionRecord};
+use crate::whereabouts;
 
 /// Body of `POST /v1/sessions`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -64,6 +65,23 @@ pub struct SessionView {
     pub expires_at: i64,
     #[schema(value_type = Object)]
     pub metadata: Value,
+    /// The login's address, as the login backend gave it in `metadata.ip`
+    /// (sessiongate sees only the backend's own address at login).
+    #[schema(example = "192.0.2.7")]
+    pub first_ip: Option<String>,
+    /// The login's user agent, from `metadata.user_agent`.
+    pub first_user_agent: Option<String>,
+    /// The client address of the last verify that slid the idle expiry (at
+    /// most once per touch interval), through trusted proxies only; `null`
+    /// until a verify has.
+    #[schema(example = "198.51.100.23")]
+    pub last_ip: Option<String>,
+    /// That verify's `User-Agent`, at most 256 bytes, control characters dropped.
+    pub last_user_agent: Option<String>,
+    /// Browser and system, from the last user agent (else the first):
+    /// "Firefox on Linux", "Safari on iPhone"; `null` when not recognised.
+    #[schema(example = "Firefox on Linux")]
+    pub device_label: Option<String>,
     /// Whether this is the session of the token used for the call.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub current: Option<bool>,
@@ -71,6 +89,15 @@ pub struct SessionView {
 
 impl SessionView {
     pub fn new(tag: &UserTag, r: SessionRecord, current: Option<bool>) -> SessionView {
+        let metadata = Metadata::to_json(&r.metadata);
+        let first_ip = whereabouts::meta_str(&metadata, whereabouts::IP_KEYS).map(str::to_string);
+        let first_user_agent =
+            whereabouts::meta_str(&metadata, whereabouts::UA_KEYS).map(str::to_string);
+        let device_label = r
+            .last_user_agent
+            .as_deref()
+            .or(first_user_agent.as_deref())
+            .and_then(whereabouts::device_label);
         SessionView {
             session_id: format!("{}{}", tag.as_str(), r.field),
             user_id: None,
@@ -79,7 +106,12 @@ impl SessionView {
             last_seen_at: r.last_seen_ms / 1000,
             auth_time: r.auth_time_ms / 1000,
             expires_at: r.expires_ms / 1000,
-            metadata: Metadata::to_json(&r.metadata),
+            metadata,
+            first_ip,
+            first_user_agent,
+            last_ip: r.last_ip,
+            last_user_agent: r.last_user_agent,
+            device_label,
             current,
         }
     }

@@ -84,7 +84,12 @@ async fn checked(
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let result = match http_max_age(req, use_query) {
-        Ok(max_age) => decide(state, req, max_age).await,
+        Ok(max_age) => {
+            // Where the request came from: worked out only when the touch is due.
+            let (peer, headers, origin) = (req.peer_addr(), req.headers(), &state.origin);
+            let seen = move || origin.seen_of(peer, headers);
+            decide(state, req, max_age, Some(&seen)).await
+        }
         Err(e) => Err(e),
     };
     record(state, started, &result);
@@ -128,21 +133,24 @@ pub fn record<T>(state: &AppState, started: Instant, result: &Result<T, ApiError
 /// The gateway check's decision, the same for `/v1/verify` and for Envoy's
 /// gRPC `Check` (`crate::grpc`): the token from `source` (header, else the
 /// cookie under the CSRF rule), then one Redis round trip, with `reauth_after`
-/// tightened by the route's `max_age`.
+/// tightened by the route's `max_age`. `seen` tells where the request came
+/// from, recorded when the throttled touch is due.
 pub async fn decide(
     state: &AppState,
     source: &(impl TokenSource + ?Sized),
     max_age: Option<u64>,
+    seen: Option<&(dyn Fn() -> crate::whereabouts::Seen + Sync)>,
 ) -> Result<Decision, ApiError> {
     let BearerToken(token) = BearerToken::from_source(source, &state.cookie_name, &state.origin)?;
     // The assertion needs the session's auth_time: the record comes back
     // in the same round trip.
     let active = state
         .service
-        .verify(
+        .verify_from(
             &token,
             Reauth::Enforce { max_age },
             state.assertions.is_some(),
+            seen,
         )
         .await
         .map_err(ApiError::from)?;

@@ -32,6 +32,7 @@ use conn::{ConnectionLayer, Pooled};
 
 use crate::domain::{DeviceId, SessionId, UserId, UserTag};
 use crate::metrics::Metrics;
+use crate::whereabouts::Seen;
 pub use keys::KeySchema;
 pub use record::RedisClock;
 use record::{Checks, Verdict};
@@ -147,6 +148,10 @@ pub struct SessionRecord {
     pub expires_ms: i64,
     pub device_id: String,
     pub metadata: String,
+    /// Where the session was last used from, as the last touch recorded it
+    /// (`None`: not recorded yet).
+    pub last_ip: Option<String>,
+    pub last_user_agent: Option<String>,
 }
 
 /// What verify learnt about a live session.
@@ -496,7 +501,8 @@ impl Store {
     /// the record is dead (deleted, so expired records do not linger until
     /// their hash expires). `touch_ms` < 0 never writes; `max_auth_age_ms`
     /// < 0 skips the password-age check (a session failing it is reported,
-    /// and not slid).
+    /// and not slid). `seen` says where the request came from; it is called
+    /// only when the touch is due, and what it returns is recorded with it.
     #[allow(clippy::too_many_arguments)]
     pub async fn verify(
         &self,
@@ -507,6 +513,7 @@ impl Store {
         max_auth_age_ms: i64,
         full: bool,
         clock: &RedisClock,
+        seen_from: Option<&(dyn Fn() -> Seen + Sync)>,
     ) -> Result<Option<LiveSession>, StoreError> {
         let started = std::time::Instant::now();
         let key = self.keys.user_of(session);
@@ -544,7 +551,10 @@ impl Store {
         let (reauth_needed, mut last_seen_ms) = match record::judge(&rec, &checks) {
             Verdict::OtherDevice => return Ok(None),
             Verdict::Dead => {
-                let _ = self.touch(&key, session, device, live, -1, started).await;
+                let none = Seen::default();
+                let _ = self
+                    .touch(&key, session, device, live, -1, &none, started)
+                    .await;
                 return Ok(None);
             }
             Verdict::Alive {
@@ -558,8 +568,9 @@ impl Store {
                     near.put(&key, session.field(), blob, ticket);
                 }
                 if touch_due {
+                    let from = seen_from.map(|f| f()).unwrap_or_default();
                     match self
-                        .touch(&key, session, device, live, touch_ms, started)
+                        .touch(&key, session, device, live, touch_ms, &from, started)
                         .await
                     {
                         // Deleted meanwhile (a logout won the race): refused.
@@ -577,6 +588,8 @@ impl Store {
                     .map_err(|_| StoreError::Protocol("a stored string is not UTF-8".into()))
             };
             last_seen_ms = last_seen_ms.max(rec.last_seen_ms);
+            let (last_ip, last_user_agent) =
+                record::whereabouts(blob).map_err(StoreError::Protocol)?;
             Some(SessionRecord {
                 field: session.field().to_string(),
                 created_ms: rec.created_ms,
@@ -585,6 +598,8 @@ impl Store {
                 expires_ms: rec.expires_ms,
                 device_id: text(rec.device_id)?,
                 metadata: text(rec.metadata)?,
+                last_ip: last_ip.map(text).transpose()?,
+                last_user_agent: last_user_agent.map(text).transpose()?,
             })
         } else {
             None
@@ -663,6 +678,8 @@ impl Store {
     /// `lua/touch.lua` for a verify that began at `started`, bounded by
     /// what is left of its timeout: `Some(last_seen_ms)` when the record
     /// is alive, `None` when it is gone (or was dead, and is now deleted).
+    /// A touch that slides the record records `seen` in it.
+    #[allow(clippy::too_many_arguments)]
     async fn touch(
         &self,
         key: &str,
@@ -670,6 +687,7 @@ impl Store {
         device: &DeviceId,
         live: Liveness,
         touch_ms: i64,
+        seen: &Seen,
         started: std::time::Instant,
     ) -> Result<Option<i64>, StoreError> {
         let left = self.conn.timeout().saturating_sub(started.elapsed());
@@ -679,7 +697,9 @@ impl Store {
             .arg(live.idle_ms)
             .arg(touch_ms)
             .arg(live.cutoff_ms)
-            .arg(live.epoch);
+            .arg(live.epoch)
+            .arg(&seen.ip)
+            .arg(&seen.user_agent);
         let call = self.run_script(&self.scripts.touch, cmd);
         let mut it = tokio::time::timeout(left, call)
             .await
@@ -786,10 +806,10 @@ impl Store {
         let mut cmd = evalsha(&self.scripts.list, &self.keys.user(user));
         cmd.arg(live.idle_ms).arg(live.cutoff_ms).arg(live.epoch);
         let mut it = self.run_script(&self.scripts.list, cmd).await?;
-        if !it.len().is_multiple_of(7) {
+        if !it.len().is_multiple_of(9) {
             return Err(StoreError::Protocol("list reply of odd length".into()));
         }
-        let mut out = Vec::with_capacity(it.len() / 7);
+        let mut out = Vec::with_capacity(it.len() / 9);
         while let Some(field) = it.next() {
             out.push(SessionRecord {
                 field: text(Some(field))?,
@@ -799,6 +819,8 @@ impl Store {
                 expires_ms: int(it.next())?,
                 device_id: text(it.next())?,
                 metadata: text(it.next())?,
+                last_ip: Some(text(it.next())?).filter(|s| !s.is_empty()),
+                last_user_agent: Some(text(it.next())?).filter(|s| !s.is_empty()),
             });
         }
         out.sort_by_key(|s| std::cmp::Reverse(s.last_seen_ms));

@@ -119,6 +119,29 @@ pub fn decode(blob: &[u8]) -> Result<Record<'_>, String> {
     })
 }
 
+/// `(last_ip, last_user_agent)`, borrowed from the record.
+pub type LastSeen<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
+/// Elements 8 and 9 of a record (`last_ip`, `last_user_agent`), written by
+/// the touch; `None` for a record that has not got them (or has "").
+/// Kept apart from [`decode`] so the hot path never reads them.
+pub fn whereabouts(blob: &[u8]) -> Result<LastSeen<'_>, String> {
+    let mut r = Reader { buf: blob, at: 0 };
+    let n = r.array_len()?;
+    if n < 9 {
+        return Ok((None, None));
+    }
+    for _ in 0..7 {
+        r.skip()?;
+    }
+    fn some(b: &[u8]) -> Option<&[u8]> {
+        (!b.is_empty()).then_some(b)
+    }
+    let ip = r.bytes()?;
+    let ua = r.bytes()?;
+    Ok((some(ip), some(ua)))
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     at: usize,
@@ -176,6 +199,15 @@ impl<'a> Reader<'a> {
             _ => return Err(format!("a record field is not an integer (0x{b:02x})")),
         };
         Ok(v)
+    }
+
+    /// Skips one scalar element (nil, boolean, number or string).
+    fn skip(&mut self) -> Result<(), String> {
+        match self.buf.get(self.at) {
+            Some(0xc0 | 0xc2 | 0xc3) => self.take(1).map(|_| ()),
+            Some(0xa0..=0xbf | 0xd9 | 0xda | 0xdb | 0xc4 | 0xc5 | 0xc6) => self.bytes().map(|_| ()),
+            _ => self.int().map(|_| ()),
+        }
     }
 
     fn bytes(&mut self) -> Result<&'a [u8], String> {
@@ -257,6 +289,34 @@ mod tests {
         );
         assert_eq!(rec.device_id, &[b'x'; 40][..]);
         assert_eq!(rec.metadata, b"abc");
+    }
+
+    #[test]
+    fn reads_the_touchs_elements_8_and_9_when_present() {
+        let blob = sample();
+        assert_eq!(whereabouts(&blob).unwrap(), (None, None));
+        // + epoch (a big integer) + last_ip + last_user_agent
+        let mut nine = blob.clone();
+        nine[0] = 0x99;
+        nine.push(0xcf);
+        nine.extend_from_slice(&1_700_000_000_999u64.to_be_bytes());
+        nine.push(0xa9);
+        nine.extend_from_slice(b"192.0.2.7");
+        nine.push(0xa4);
+        nine.extend_from_slice(b"curl");
+        let rec = decode(&nine).unwrap();
+        assert_eq!(rec.epoch, 1_700_000_000_999);
+        assert_eq!(Record { epoch: 0, ..rec }, decode(&blob).unwrap());
+        assert_eq!(
+            whereabouts(&nine).unwrap(),
+            (Some(&b"192.0.2.7"[..]), Some(&b"curl"[..]))
+        );
+        // "" is "not recorded"; a nil 7th element is skipped too.
+        let mut empty = blob.clone();
+        empty[0] = 0x99;
+        empty.extend_from_slice(&[0xc0, 0xa0, 0xa0]);
+        assert_eq!(whereabouts(&empty).unwrap(), (None, None));
+        assert!(whereabouts(&empty[..empty.len() - 1]).is_err());
     }
 
     #[test]

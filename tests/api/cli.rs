@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
 use crate::helpers::{ADMIN_KEY, ISSUER_KEY, TestApp, spawn_app};
@@ -76,7 +76,11 @@ async fn admin(app: &TestApp, args: &[&str]) -> Run {
 #[tokio::test]
 async fn sessions_lists_a_users_sessions_as_a_table_and_as_json() {
     let app = spawn_app().await;
-    let laptop = app.create("alice", "laptop").await;
+    let laptop = app
+        .create_body(json!({"user_id": "alice", "device_id": "laptop", "metadata": {
+            "ip": "192.0.2.8",
+            "user_agent": "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0"}}))
+        .await;
     let phone = app.create("alice", "phone").await;
     app.create("bob", "tablet").await;
 
@@ -92,6 +96,14 @@ async fn sessions_lists_a_users_sessions_as_a_table_and_as_json() {
             .unwrap_or_else(|| panic!("no row for {}: {run:?}", s.session_id));
         assert!(row.contains(&s.device_id), "{row}");
     }
+    let laptop_row = lines
+        .iter()
+        .find(|l| l.starts_with(&laptop.session_id))
+        .unwrap();
+    assert!(
+        laptop_row.contains("Firefox on Linux  192.0.2.8"),
+        "label and first IP: {laptop_row}"
+    );
     // Aligned: the DEVICE column starts at the same place on every line.
     let col = lines[0].find("DEVICE").unwrap();
     for l in &lines[1..] {
@@ -104,6 +116,12 @@ async fn sessions_lists_a_users_sessions_as_a_table_and_as_json() {
         !run.stdout.contains("tablet"),
         "bob's session listed: {run:?}"
     );
+
+    // Where each was used from: no touch yet, so the first (login's) only.
+    let header = lines[0];
+    for col in ["BROWSER", "FIRST IP", "LAST IP", "LAST USER AGENT"] {
+        assert!(header.contains(col), "{col} in {header}");
+    }
 
     let run = admin(&app, &["sessions", "alice", "--json"]).await;
     run.assert_code(0);

@@ -773,3 +773,44 @@ async fn browser_the_console_works_in_headless_chromium() {
         assert!(size > 1000, "{line}: {size} bytes");
     }
 }
+
+/// The user page shows where each session was used from: the login's
+/// address, the last touch's address and agent, and the device label.
+#[tokio::test]
+async fn a_user_page_shows_the_device_label_first_and_last_ip() {
+    let app = spawn_app_with(&[("TRUSTED_PROXIES", "127.0.0.1"), ("TOUCH_INTERVAL", "1ms")]).await;
+    let s = app
+        .create_body(json!({"user_id": "vera", "device_id": "phone",
+            "metadata": {"ip": "192.0.2.44"}}))
+        .await;
+    let safari = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 \
+                  (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1";
+    eventually(Duration::from_secs(20), || async {
+        let res = app
+            .request(Method::GET, "/v1/verify")
+            .bearer_auth(&s.token)
+            .header("x-forwarded-for", "198.51.100.77")
+            .header("user-agent", safari)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let list: Value = app.list(&s.token).await.json().await.unwrap();
+        list["sessions"][0]["last_ip"] == "198.51.100.77"
+    })
+    .await;
+    let c = sign_in(&app).await;
+    let html = c
+        .get(&app, "/admin/users?user_id=vera")
+        .await
+        .text()
+        .await
+        .unwrap();
+    for want in [
+        r#"<dd class="device-label">Safari on iPhone</dd>"#,
+        r#"<dd class="first-ip">192.0.2.44</dd>"#,
+        r#"<dd class="last-ip">198.51.100.77</dd>"#,
+    ] {
+        assert!(html.contains(want), "{want} in {html}");
+    }
+}

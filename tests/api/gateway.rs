@@ -55,6 +55,7 @@ on_every_gateway!(
     public_routes_reach_the_app_unchecked_and_without_identity,
     a_refused_page_load_is_redirected_to_the_login_page,
     a_page_load_gets_a_try_again_page_when_the_check_is_unavailable,
+    the_clients_own_address_and_agent_are_recorded_not_the_gateways_or_a_spoofed_one,
 );
 
 /// sessiongate (on its own Redis), the echoing app, and a gateway between
@@ -169,6 +170,45 @@ fn now_s() -> i64 {
 }
 
 // --- scenarios, on every gateway ------------------------------------------------
+
+/// What the gateway passes on for where sessions are used from: the client
+/// connects from 127.0.0.2 (the gateway and sessiongate talk over
+/// 127.0.0.1, the one trusted proxy) with a spoofed X-Forwarded-For; the
+/// touch (every verify here) must record 127.0.0.2 and its User-Agent.
+async fn the_clients_own_address_and_agent_are_recorded_not_the_gateways_or_a_spoofed_one(
+    kind: Kind,
+) {
+    let st = Stack::start_with(kind, &[("TOUCH_INTERVAL", "1ms")]).await;
+    let s = st.app.create("uma", "laptop").await;
+    let client = reqwest::Client::builder()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let agent = "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0";
+    let last = || async {
+        let list: Value = st.app.list(&s.token).await.json().await.unwrap();
+        list["sessions"][0].clone()
+    };
+    eventually(Duration::from_secs(20), || async {
+        let res = client
+            .get(st.gateway.url("/orders"))
+            .bearer_auth(&s.token)
+            .header("x-forwarded-for", "203.0.113.66")
+            .header("x-real-ip", "203.0.113.67")
+            .header("user-agent", agent)
+            .send()
+            .await
+            .unwrap();
+        reached(res).await;
+        last().await["last_ip"] != Value::Null
+    })
+    .await;
+    let listed = last().await;
+    assert_eq!(listed["last_ip"], "127.0.0.2", "{listed}");
+    assert_eq!(listed["last_user_agent"], agent);
+    assert_eq!(listed["device_label"], "Firefox on Linux");
+}
 
 async fn a_valid_token_reaches_the_app_with_sessiongates_identity(kind: Kind) {
     let st = Stack::start(kind).await;

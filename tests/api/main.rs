@@ -30,3 +30,4 @@ mod staleness;
 mod storage;
 mod tokens;
 mod topology;
+mod whereabouts;

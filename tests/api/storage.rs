@@ -357,37 +357,59 @@ async fn the_touch_script_never_recreates_a_record_and_keeps_later_elements() {
         include_str!("../../src/store/lua/touch.lua")
     );
     let key = "sg:u{touch-test}";
-    let run = |field: &str, touch_ms: &str| {
+    // ARGV: field, device, idle, touch interval, cutoff, epoch, client
+    // address, user agent, nonce.
+    let run_from = |field: &str, touch_ms: &str, ip: &str, ua: &str| {
         app.redis_cmd(&[
-            "EVAL", touch, "1", key, field, "laptop", "60000", touch_ms, "0", "3", "n1",
+            "EVAL", touch, "1", key, field, "laptop", "60000", touch_ms, "0", "0", ip, ua, "n1",
         ])
     };
+    let run = |field: &str, touch_ms: &str| run_from(field, touch_ms, "", "");
     // No hash at all, then a hash without the field.
     assert_eq!(run("f1", "0"), "*2\r\n$2\r\nn1\r\n:0\r\n");
     assert_eq!(app.redis_cmd(&["EXISTS", key]), ":0\r\n");
     let seed = "local t = redis.call('TIME') \
         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) \
-        redis.call('HSET', KEYS[1], '!u', 'u', ARGV[1], cmsgpack.pack({now - 5000, now - 5000, now - 5000, now + tonumber(ARGV[2]), 'laptop', '', 3, 42})) \
+        redis.call('HSET', KEYS[1], '!u', 'u', ARGV[1], cmsgpack.pack({now - 5000, now - 5000, now - 5000, now + tonumber(ARGV[2]), 'laptop', '', 42})) \
         return now";
     app.redis_cmd(&["EVAL", seed, "1", key, "f2", "3600000"]);
     assert_eq!(run("f1", "0"), "*2\r\n$2\r\nn1\r\n:0\r\n");
     assert_eq!(int_reply(&app.redis_cmd(&["HLEN", key])), 2);
-    // Alive, touch due: slid to now, the epoch (seventh element) and an
-    // eighth kept.
+    // Alive, touch due: slid to now, the seventh element kept.
     let before = app.redis_cmd(&["HGET", key, "f2"]);
     let reply = run("f2", "1000");
     assert!(reply.starts_with("*3\r\n$2\r\nn1\r\n:1\r\n:"), "{reply}");
     assert_ne!(app.redis_cmd(&["HGET", key, "f2"]), before, "not slid");
-    let read =
-        "local r = cmsgpack.unpack(redis.call('HGET', KEYS[1], ARGV[1])) return {#r, r[7], r[8]}";
+    let read = "local r = cmsgpack.unpack(redis.call('HGET', KEYS[1], ARGV[1])) return {#r, r[7]}";
     assert_eq!(
         app.redis_cmd(&["EVAL", read, "1", key, "f2"]),
-        "*3\r\n:8\r\n:3\r\n:42\r\n"
+        "*2\r\n:7\r\n:42\r\n"
     );
-    // Not due (just slid): nothing written.
+    // Not due (just slid): nothing written, not even where it came from.
     let slid = app.redis_cmd(&["HGET", key, "f2"]);
-    assert!(run("f2", "60000").starts_with("*3\r\n$2\r\nn1\r\n:1\r\n:"));
+    assert!(run_from("f2", "60000", "192.0.2.1", "curl").starts_with("*3\r\n$2\r\nn1\r\n:1\r\n:"));
     assert_eq!(app.redis_cmd(&["HGET", key, "f2"]), slid);
+    // Due, with an address and agent: recorded as elements 8 and 9.
+    let read_all = "local r = cmsgpack.unpack(redis.call('HGET', KEYS[1], ARGV[1])) \
+        return {#r, r[7], r[8], r[9]}";
+    eventually(Duration::from_secs(20), || async {
+        run_from("f2", "1", "192.0.2.1", "curl");
+        app.redis_cmd(&["EVAL", read_all, "1", key, "f2"])
+            == "*4\r\n:9\r\n:42\r\n$9\r\n192.0.2.1\r\n$4\r\ncurl\r\n"
+    })
+    .await;
+    // A later touch without them slides the record and keeps them.
+    let seen = "return cmsgpack.unpack(redis.call('HGET', KEYS[1], ARGV[1]))[2]";
+    let first = app.redis_cmd(&["EVAL", seen, "1", key, "f2"]);
+    eventually(Duration::from_secs(20), || async {
+        run("f2", "1");
+        app.redis_cmd(&["EVAL", seen, "1", key, "f2"]) != first
+    })
+    .await;
+    assert_eq!(
+        app.redis_cmd(&["EVAL", read_all, "1", key, "f2"]),
+        "*4\r\n:9\r\n:42\r\n$9\r\n192.0.2.1\r\n$4\r\ncurl\r\n"
+    );
     // Dead (past its lifetime): deleted, and the hash with it.
     app.redis_cmd(&["EVAL", seed, "1", key, "f3", "-1"]);
     app.redis_cmd(&["HDEL", key, "f2"]);

@@ -5,7 +5,10 @@
 --   field "!u"        -> the user id (guards against a tag collision)
 --   field <22 chars>  -> a session record, MessagePack array:
 --       {created_ms, last_seen_ms, auth_time_ms, expires_ms, device_id, metadata_json,
---        epoch}
+--        epoch, last_ip, last_user_agent}
+--     elements 8 and 9 (strings, "" when unknown) are written only by the
+--     touch (touch.lua) when it slides the record, so a record the touch
+--     never slid has 7; every reader tolerates their absence.
 -- Times come from Redis TIME on the node holding the hash (in a Cluster, each
 -- node's own clock). `epoch` is the logout-all epoch the creating instance
 -- knew (global.lua): logout-all is judged by it, never by comparing clocks.

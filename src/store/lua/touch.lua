@@ -12,12 +12,15 @@
 -- ARGV[3]  idle timeout ms ARGV[4] touch interval ms (-1: never touch,
 --          only delete the record if it is dead)
 -- ARGV[5]  global cutoff ms  ARGV[6] logout-all epoch the caller knows
--- ARGV[7]  nonce
+-- ARGV[7]  the client's address  ARGV[8] its user agent (both "": record
+--          nothing): stored as the record's last_ip / last_user_agent
+--          (elements 8 and 9, see prelude.lua) when the touch slides it
+-- ARGV[9]  nonce
 -- Returns  {nonce, 0} when the record is gone or dead (a dead one is
 --          deleted here); else {nonce, 1, last_seen_ms} (slid to now, or
 --          as stored when not due, not this device's, or Redis refused the
 --          write: best effort, the session is alive either way).
-local key, field, nonce = KEYS[1], ARGV[1], ARGV[7]
+local key, field, nonce = KEYS[1], ARGV[1], ARGV[9]
 local blob = redis.call('HGET', key, field)
 if not blob then
   return {nonce, 0}
@@ -37,6 +40,13 @@ if rec[5] ~= ARGV[2] or touch < 0 or now - seen < touch then
 end
 -- Packs the whole record back: elements a later schema appends are kept.
 rec[2] = now
+-- Where it was used from, recorded only here (once per touch interval).
+-- rec[7] (the epoch) is always there: alive() refuses a record without
+-- it, so setting 8 and 9 leaves no hole (cmsgpack would write a map).
+if ARGV[7] ~= '' or ARGV[8] ~= '' then
+  rec[8] = ARGV[7]
+  rec[9] = ARGV[8]
+end
 local ok = redis.pcall('HSET', key, field, cmsgpack.pack(rec))
 if type(ok) ~= 'number' then
   return {nonce, 1, seen}
