@@ -340,11 +340,22 @@ fn config_path() -> PathBuf {
 /// A loopback port that was free a moment ago: bind port 0, read the port
 /// the kernel chose, release it. Another process may take it before Redis
 /// binds; [`TestRedis::start_with`] retries on "Address already in use".
+///
+/// Never above 55535: a cluster-enabled `redis-server` also listens on its
+/// port + 10000 (the cluster bus) and refuses to start on a higher port
+/// ("port number too high"), which the kernel's ephemeral range (up to
+/// 60999 by default) would otherwise hand out now and then.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("bind 127.0.0.1:0 to find a free port")
+    const HIGHEST: u16 = 55_535;
+    loop {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .expect("bind 127.0.0.1:0 to find a free port");
+        if port <= HIGHEST {
+            return port;
+        }
+    }
 }
 
 /// Asks the kernel to SIGKILL the child when its parent thread dies, so a
