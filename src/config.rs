@@ -140,6 +140,17 @@ pub struct Settings {
     /// The near-cache's bound (0: off, the default).
     pub near_cache_ttl: Duration,
     pub console_session_ttl: Duration,
+    pub events: bool,
+    pub events_max_len: u64,
+    pub tombstone_retention: Duration,
+    /// `(name, url)` of each webhook endpoint.
+    pub webhook_urls: Vec<(String, String)>,
+    pub webhook_secret: Secret,
+    /// `(name, url)` of each CAEP (RFC 8935 push) receiver.
+    pub caep_urls: Vec<(String, String)>,
+    pub webhook_timeout: Duration,
+    pub webhook_max_attempts: u32,
+    pub webhook_backoff: Duration,
     /// `X-Session-Assertion` on every successful verify (`upstream_assertion`).
     pub upstream_assertion: bool,
     pub upstream_assertion_audience: String,
@@ -603,6 +614,15 @@ impl Layers {
                 }
                 ttl
             },
+            events: self.boolean("events")?,
+            events_max_len: self.integer("events_max_len", 100, 100_000_000)? as u64,
+            tombstone_retention: self.duration("tombstone_retention")?,
+            webhook_urls: self.endpoints("webhook_urls")?,
+            caep_urls: self.endpoints("caep_urls")?,
+            webhook_secret: Secret::new(self.string("webhook_secret")?),
+            webhook_timeout: positive("webhook_timeout")?,
+            webhook_max_attempts: self.integer("webhook_max_attempts", 1, 1000)? as u32,
+            webhook_backoff: positive("webhook_backoff")?,
             upstream_assertion: self.boolean("upstream_assertion")?,
             upstream_assertion_audience: self.string("upstream_assertion_audience")?,
             upstream_assertion_lifetime: {
@@ -617,6 +637,27 @@ impl Layers {
             log_level: self.string("log_level")?,
             log_format,
         };
+        if !settings.webhook_urls.is_empty() {
+            let names: std::collections::HashSet<&str> = settings
+                .webhook_urls
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect();
+            if names.len() != settings.webhook_urls.len() {
+                return Err(self.err("webhook_urls", "every endpoint needs its own name"));
+            }
+            if crate::events::webhooks::secret_bytes(&settings.webhook_secret).is_none() {
+                return Err(self.err(
+                    "webhook_secret",
+                    "is required with webhook_urls: whsec_<base64> or at least 32 bytes",
+                ));
+            }
+        }
+        let caep_names: std::collections::HashSet<&str> =
+            settings.caep_urls.iter().map(|(n, _)| n.as_str()).collect();
+        if caep_names.len() != settings.caep_urls.len() {
+            return Err(self.err("caep_urls", "every receiver needs its own name"));
+        }
         if settings.upstream_assertion && settings.upstream_assertion_audience.trim().is_empty() {
             return Err(self.err(
                 "upstream_assertion_audience",
@@ -630,6 +671,31 @@ impl Layers {
             ));
         }
         Ok(settings)
+    }
+
+    /// `name=http(s)://…` entries.
+    fn endpoints(&self, key: &str) -> Result<Vec<(String, String)>, ConfigError> {
+        self.strings(key)?
+            .iter()
+            .map(|entry| {
+                let bad = || {
+                    self.err(
+                        key,
+                        format!("{entry:?} is not name=http(s)://… (name: letters, digits, _ . -)"),
+                    )
+                };
+                let (name, url) = entry.split_once('=').ok_or_else(bad)?;
+                let name_ok = !name.is_empty()
+                    && name.len() <= 64
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+                if !name_ok || !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(bad());
+                }
+                Ok((name.to_string(), url.to_string()))
+            })
+            .collect()
     }
 }
 

@@ -23,6 +23,7 @@
 //! - [`http`]: routes, extractors, handlers, the OpenAPI document.
 //! - [`grpc`]: Envoy's gRPC `ext_authz` check, the same decision as `/v1/verify`.
 //! - [`console`]: the admin console pages under `/admin/`.
+//! - [`events`]: session lifecycle events: webhooks (schema in `store::events`).
 //! - [`timefmt`]: UTC times for people (console, `sessiongate admin`).
 //! - [`whereabouts`]: where a session was used from (client address through
 //!   trusted proxies, bounded user agent, device label).
@@ -32,6 +33,7 @@ pub mod config;
 pub mod console;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod http;
 pub mod jwks;

@@ -123,7 +123,7 @@ async fn revoke_before(settings: Settings, at: &str) -> Result<(), String> {
     let store = sessiongate::store::Store::from_settings(&settings, 1, metrics)
         .map_err(|e| e.to_string())?;
     let record = store
-        .global(sessiongate::store::GlobalOp::Cutoff { at_ms })
+        .global_as(sessiongate::store::GlobalOp::Cutoff { at_ms }, "operator")
         .await
         .map_err(|e| e.to_string())?;
     println!(

@@ -172,6 +172,13 @@ impl Metrics {
         }
     }
 
+    /// Registers a collector owned elsewhere (the webhook dispatcher's).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry
+            .register(collector)
+            .expect("unique metric names");
+    }
+
     pub fn verify(&self, outcome: VerifyOutcome, seconds: f64) {
         self.verify[outcome as usize].inc();
         self.verify_seconds.observe(seconds);

@@ -177,6 +177,15 @@ impl SessionService {
     /// Records a login and returns its token. The token is only handed out
     /// after Redis stored the record.
     pub async fn create(&self, req: CreateRequest) -> Result<CreatedSession, ServiceError> {
+        self.create_as(req, "issuer").await
+    }
+
+    /// [`SessionService::create`], its events naming `actor`.
+    pub async fn create_as(
+        &self,
+        req: CreateRequest,
+        actor: &str,
+    ) -> Result<CreatedSession, ServiceError> {
         let now = now_ms();
         if let Some(t) = req.auth_time {
             if t < 0 {
@@ -198,7 +207,7 @@ impl SessionService {
             let session = SessionId::generate(&req.user.tag());
             let created = self
                 .store
-                .create(
+                .create_as(
                     NewSession {
                         user: &req.user,
                         session: &session,
@@ -209,6 +218,7 @@ impl SessionService {
                         max_per_user: self.policy.max_per_user,
                     },
                     self.liveness(&state),
+                    actor,
                 )
                 .await?;
             if created.evicted > 0 {
@@ -389,10 +399,12 @@ impl SessionService {
         let (verified, state) = self.check_token(token).await?;
         let n = self
             .store
-            .revoke(
+            .revoke_as(
                 &verified.session.user_tag(),
                 Revoke::One(verified.session.field()),
                 self.liveness(&state),
+                "self",
+                "logout",
             )
             .await?;
         if n == 0 {
@@ -409,16 +421,37 @@ impl SessionService {
     }
 
     /// Revokes sessions of one user; returns how many live ones went.
+    /// `how` is the metrics label; the event's reason and default actor
+    /// follow from it (see [`revocation`]).
     pub async fn revoke(
         &self,
         user: &UserTag,
         which: Revoke<'_>,
         how: &str,
     ) -> Result<u64, ServiceError> {
+        self.revoke_as(user, which, how, None).await
+    }
+
+    /// [`SessionService::revoke`], its events naming `actor` (`None`: the
+    /// default for `how`).
+    pub async fn revoke_as(
+        &self,
+        user: &UserTag,
+        which: Revoke<'_>,
+        how: &str,
+        actor: Option<&str>,
+    ) -> Result<u64, ServiceError> {
         let state = self.global.snapshot()?;
+        let (reason, default_actor) = revocation(how);
         let n = self
             .store
-            .revoke(user, which, self.liveness(&state))
+            .revoke_as(
+                user,
+                which,
+                self.liveness(&state),
+                actor.unwrap_or(default_actor),
+                reason,
+            )
             .await?;
         self.metrics.revoked(how, n);
         Ok(n)
@@ -426,9 +459,14 @@ impl SessionService {
 
     /// The login backend re-checked the password.
     pub async fn reauth(&self, session: &SessionId) -> Result<i64, ServiceError> {
+        self.reauth_as(session, "issuer").await
+    }
+
+    /// [`SessionService::reauth`], its event naming `actor`.
+    pub async fn reauth_as(&self, session: &SessionId, actor: &str) -> Result<i64, ServiceError> {
         let state = self.global.snapshot()?;
         self.store
-            .reauth(session, self.liveness(&state))
+            .reauth_as(session, self.liveness(&state), actor)
             .await?
             .ok_or(ServiceError::NotFound)
     }
@@ -439,8 +477,20 @@ impl SessionService {
     /// epoch is dead whatever the nodes' clocks say. Records are then purged
     /// in the background, in bounded batches, on every primary.
     pub async fn logout_all(self: &Arc<Self>, at_ms: Option<i64>) -> Result<i64, ServiceError> {
+        self.logout_all_as(at_ms, "admin").await
+    }
+
+    /// [`SessionService::logout_all`], its event naming `actor`.
+    pub async fn logout_all_as(
+        self: &Arc<Self>,
+        at_ms: Option<i64>,
+        actor: &str,
+    ) -> Result<i64, ServiceError> {
         let started = std::time::Instant::now();
-        let record = self.store.global(GlobalOp::Cutoff { at_ms }).await?;
+        let record = self
+            .store
+            .global_as(GlobalOp::Cutoff { at_ms }, actor)
+            .await?;
         let (cutoff, epoch) = (record.cutoff_ms, record.epoch);
         self.global.apply(record, started)?;
         self.flush_near_cache();
@@ -498,15 +548,23 @@ impl SessionService {
 
     /// Starts signing with a new key; older keys verify until they retire.
     pub async fn rotate_key(&self) -> Result<String, ServiceError> {
+        self.rotate_key_as("admin").await
+    }
+
+    /// [`SessionService::rotate_key`], its event naming `actor`.
+    pub async fn rotate_key_as(&self, actor: &str) -> Result<String, ServiceError> {
         let started = std::time::Instant::now();
         let kid = new_kid();
         let retire_after = self.policy.absolute + self.policy.leeway + Duration::from_secs(1);
         let record = self
             .store
-            .global(GlobalOp::Rotate {
-                kid: &kid,
-                retire_after_ms: retire_after.as_millis() as i64,
-            })
+            .global_as(
+                GlobalOp::Rotate {
+                    kid: &kid,
+                    retire_after_ms: retire_after.as_millis() as i64,
+                },
+                actor,
+            )
             .await?;
         self.global.apply(record, started)?;
         self.flush_near_cache();
@@ -554,6 +612,20 @@ impl SessionService {
             Err(ServiceError::Store(e)) => Err(ServiceError::Store(e)),
             Err(_) => Ok(None),
         }
+    }
+}
+
+/// The event reason and the default actor of a revocation, from its
+/// metrics label (`how`).
+pub fn revocation(how: &str) -> (&str, &'static str) {
+    match how {
+        "logout" => ("logout", "self"),
+        "logout_device" => ("logout_other_device", "self"),
+        "logout_others" => ("logout_others", "self"),
+        "admin_user" => ("force_logout_user", "admin"),
+        "admin_device" => ("force_logout_device", "admin"),
+        "admin_session" => ("admin_revoke", "admin"),
+        other => (other, "admin"),
     }
 }
 

@@ -90,6 +90,12 @@ impl Application {
             tokio::spawn(global.clone().run_listener(store.clone())),
             tokio::spawn(store.clone().run_topology_watch()),
         ];
+        background.extend(crate::events::webhooks::spawn_all(
+            &settings,
+            store.clone(),
+            global.clone(),
+            &metrics,
+        ));
         if let Some(invalidations) = near_cache {
             background.push(tokio::spawn(invalidations));
         }

@@ -58,7 +58,7 @@ pub struct ExceptQuery {
         (status = 403, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 pub async fn revoke_user(
-    _: AdminPrincipal,
+    admin: AdminPrincipal,
     state: web::Data<AppState>,
     path: web::Path<String>,
     query: web::Query<ExceptQuery>,
@@ -79,10 +79,11 @@ pub async fn revoke_user(
     };
     let result = state
         .service
-        .revoke(
+        .revoke_as(
             &tag,
             Revoke::AllExcept(keep.as_ref().map(|s| s.field())),
             "admin_user",
+            Some(&admin.actor),
         )
         .await;
     audit("revoke_user", user.as_str(), &result);
@@ -99,7 +100,7 @@ pub async fn revoke_user(
         (status = 403, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 pub async fn revoke_device(
-    _: AdminPrincipal,
+    admin: AdminPrincipal,
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
@@ -108,7 +109,12 @@ pub async fn revoke_device(
     let device = DeviceId::parse(&device_id).map_err(|e| ApiError::InvalidRequest(e.0))?;
     let result = state
         .service
-        .revoke(&user.tag(), Revoke::Device(device.as_str()), "admin_device")
+        .revoke_as(
+            &user.tag(),
+            Revoke::Device(device.as_str()),
+            "admin_device",
+            Some(&admin.actor),
+        )
         .await;
     audit("revoke_device", user.as_str(), &result);
     let revoked = result?;
@@ -124,14 +130,19 @@ pub async fn revoke_device(
         (status = 403, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 pub async fn revoke_session(
-    _: AdminPrincipal,
+    admin: AdminPrincipal,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let sid = SessionId::parse(&path).map_err(|e| ApiError::InvalidRequest(e.0))?;
     let result = state
         .service
-        .revoke(&sid.user_tag(), Revoke::One(sid.field()), "admin_session")
+        .revoke_as(
+            &sid.user_tag(),
+            Revoke::One(sid.field()),
+            "admin_session",
+            Some(&admin.actor),
+        )
         .await;
     audit("revoke_session", sid.as_str(), &result);
     let revoked = result?;
@@ -152,10 +163,10 @@ pub struct LogoutAllBody {
         (status = 403, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 pub async fn logout_all(
-    _: AdminPrincipal,
+    admin: AdminPrincipal,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let result = state.service.logout_all(None).await;
+    let result = state.service.logout_all_as(None, &admin.actor).await;
     audit("logout_all", "*", &result);
     let cutoff_ms = result?;
     Ok(HttpResponse::Ok().json(LogoutAllBody { cutoff_ms }))
@@ -175,10 +186,10 @@ pub struct RotatedBody {
         (status = 403, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 pub async fn rotate_key(
-    _: AdminPrincipal,
+    admin: AdminPrincipal,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let result = state.service.rotate_key().await;
+    let result = state.service.rotate_key_as(&admin.actor).await;
     audit("rotate_key", "*", &result);
     let kid = result?;
     Ok(HttpResponse::Ok().json(RotatedBody { kid }))

@@ -30,38 +30,107 @@ pub enum Role {
 }
 
 /// The configured API keys, kept only as SHA-256 digests.
+///
+/// A key may carry a name, `name:key` (name: 1 to 32 letters, digits,
+/// `_ . -`; key: at least 32 characters), so that events and audit lines can
+/// say who acted (`admin:<name>`) without ever showing the key. Such a key
+/// is accepted presented either whole (`name:key`, as keys without a name
+/// always were) or without its name (`key`).
 pub struct ApiKeys {
-    issuer: Vec<[u8; 32]>,
-    admin: Vec<[u8; 32]>,
+    issuer: Vec<([u8; 32], u32)>,
+    admin: Vec<([u8; 32], u32)>,
+    /// Names by number; 0 is "no name".
+    names: Vec<Option<String>>,
+}
+
+/// The name and the key of `name:key`, when the entry has that shape.
+pub fn split_named_key(entry: &str) -> Option<(&str, &str)> {
+    let (name, key) = entry.split_once(':')?;
+    let name_ok = (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    (name_ok && key.len() >= 32).then_some((name, key))
 }
 
 impl ApiKeys {
     pub fn new(issuer: &[Secret], admin: &[Secret]) -> ApiKeys {
-        let digest = |keys: &[Secret]| {
-            keys.iter()
-                .map(|k| Sha256::digest(k.expose().as_bytes()).into())
-                .collect()
+        let mut names = vec![None];
+        let mut digest = |keys: &[Secret]| {
+            let mut out = Vec::new();
+            for k in keys {
+                let entry = k.expose();
+                match split_named_key(entry) {
+                    Some((name, key)) => {
+                        names.push(Some(name.to_string()));
+                        let n = (names.len() - 1) as u32;
+                        out.push((Sha256::digest(entry.as_bytes()).into(), n));
+                        out.push((Sha256::digest(key.as_bytes()).into(), n));
+                    }
+                    None => out.push((Sha256::digest(entry.as_bytes()).into(), 0)),
+                }
+            }
+            out
         };
+        let issuer = digest(issuer);
+        let admin = digest(admin);
         ApiKeys {
-            issuer: digest(issuer),
-            admin: digest(admin),
+            issuer,
+            admin,
+            names,
         }
     }
 
     /// The role of a presented key, if any; constant time over all keys.
     pub fn role_of(&self, presented: &[u8]) -> Option<Role> {
+        self.caller(presented).map(|c| c.role)
+    }
+
+    /// The role and name of a presented key, if any; every configured key
+    /// is compared (constant time), and the name is selected without a
+    /// branch on which key matched.
+    pub fn caller(&self, presented: &[u8]) -> Option<Caller> {
+        use subtle::ConditionallySelectable;
         let d: [u8; 32] = Sha256::digest(presented).into();
-        let any = |keys: &[[u8; 32]]| {
+        let any = |keys: &[([u8; 32], u32)]| {
             keys.iter()
-                .fold(Choice::from(0), |acc, k| acc | k.ct_eq(&d))
+                .fold((Choice::from(0), 0u32), |(acc, name), (k, n)| {
+                    let hit = k.ct_eq(&d);
+                    (acc | hit, u32::conditional_select(&name, n, hit))
+                })
         };
-        let (admin, issuer) = (any(&self.admin), any(&self.issuer));
-        if bool::from(admin) {
-            Some(Role::Admin)
+        let ((admin, admin_name), (issuer, issuer_name)) = (any(&self.admin), any(&self.issuer));
+        let (role, name) = if bool::from(admin) {
+            (Role::Admin, admin_name)
         } else if bool::from(issuer) {
-            Some(Role::Issuer)
+            (Role::Issuer, issuer_name)
         } else {
-            None
+            return None;
+        };
+        Some(Caller {
+            role,
+            name: self.names.get(name as usize).cloned().flatten(),
+        })
+    }
+}
+
+/// Who presented a right key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub role: Role,
+    pub name: Option<String>,
+}
+
+impl Caller {
+    /// The actor of events: `admin`, `admin:<name>`, `issuer`, `issuer:<name>`.
+    pub fn actor(&self) -> String {
+        let role = match self.role {
+            Role::Admin => "admin",
+            Role::Issuer => "issuer",
+        };
+        match &self.name {
+            Some(name) => format!("{role}:{name}"),
+            None => role.to_string(),
         }
     }
 }
@@ -190,13 +259,17 @@ impl KeyFailures {
 /// backend out); only a refused call is answered 429 while the peer is
 /// blocked, and only a wrong key counts as a failure.
 fn role(req: &HttpRequest) -> Result<Option<Role>, ApiError> {
+    caller(req).map(|c| c.map(|c| c.role))
+}
+
+fn caller(req: &HttpRequest) -> Result<Option<Caller>, ApiError> {
     let state = state(req);
     let peer = req.peer_addr().map(|a| a.ip());
     let presented = bearer(req);
     // Compare first, and always (even for a blocked peer), so that the
     // answer's timing does not depend on the throttle state either.
     let role = match presented {
-        Ok(Some(key)) => state.api_keys.role_of(key),
+        Ok(Some(key)) => state.api_keys.caller(key),
         Ok(None) | Err(Duplicate) => None,
     };
     if role.is_some() {
@@ -221,34 +294,40 @@ pub fn holds_admin_key(req: &HttpRequest) -> bool {
     matches!(role(req), Ok(Some(Role::Admin)))
 }
 
-/// The caller holds an admin key.
-pub struct AdminPrincipal;
+/// The caller holds an admin key; `actor` names it for events
+/// (`admin` or `admin:<name>`).
+pub struct AdminPrincipal {
+    pub actor: String,
+}
 
 impl FromRequest for AdminPrincipal {
     type Error = ApiError;
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(match role(req) {
-            Ok(Some(Role::Admin)) => Ok(AdminPrincipal),
-            Ok(Some(Role::Issuer)) => Err(ApiError::Forbidden),
+        ready(match caller(req) {
+            Ok(Some(c)) if c.role == Role::Admin => Ok(AdminPrincipal { actor: c.actor() }),
+            Ok(Some(_)) => Err(ApiError::Forbidden),
             Ok(None) => Err(ApiError::Unauthorized),
             Err(e) => Err(e),
         })
     }
 }
 
-/// The caller holds an issuer key (the login backend).
-pub struct IssuerPrincipal;
+/// The caller holds an issuer key (the login backend); `actor` names it
+/// for events (`issuer` or `issuer:<name>`).
+pub struct IssuerPrincipal {
+    pub actor: String,
+}
 
 impl FromRequest for IssuerPrincipal {
     type Error = ApiError;
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(match role(req) {
-            Ok(Some(Role::Issuer)) => Ok(IssuerPrincipal),
-            Ok(Some(Role::Admin)) => Err(ApiError::Forbidden),
+        ready(match caller(req) {
+            Ok(Some(c)) if c.role == Role::Issuer => Ok(IssuerPrincipal { actor: c.actor() }),
+            Ok(Some(_)) => Err(ApiError::Forbidden),
             Ok(None) => Err(ApiError::Unauthorized),
             Err(e) => Err(e),
         })
@@ -446,6 +525,35 @@ mod mutation_tests {
         assert_eq!(bearer_of("Bearerxtoken"), None);
         let req = TestRequest::default().to_http_request();
         assert!(matches!(bearer(&req), Ok(None)));
+    }
+
+    #[test]
+    fn a_named_key_is_accepted_whole_or_bare_and_names_its_actor() {
+        let named = Secret::new(format!("ops-team:{}", "n".repeat(32)));
+        let plain = Secret::new("p".repeat(40));
+        let colon = Secret::new(format!("x:{}", "c".repeat(10)) + &"c".repeat(25));
+        let keys = ApiKeys::new(
+            std::slice::from_ref(&plain),
+            &[named.clone(), colon.clone()],
+        );
+        let who = |k: &str| keys.caller(k.as_bytes()).map(|c| c.actor());
+        assert_eq!(who(named.expose()).as_deref(), Some("admin:ops-team"));
+        assert_eq!(who(&"n".repeat(32)).as_deref(), Some("admin:ops-team"));
+        assert_eq!(who(plain.expose()).as_deref(), Some("issuer"));
+        assert_eq!(who(&"n".repeat(31)), None);
+        assert_eq!(who("ops-team:"), None);
+        // A key that happened to hold a colon is still accepted whole.
+        assert_eq!(who(colon.expose()).as_deref(), Some("admin:x"));
+        // A name shape with too short a key part: an unnamed key, whole only.
+        let short = Secret::new(format!("y:{}", "s".repeat(31)));
+        let keys = ApiKeys::new(&[], std::slice::from_ref(&short));
+        assert_eq!(
+            keys.caller(short.expose().as_bytes())
+                .map(|c| c.actor())
+                .as_deref(),
+            Some("admin")
+        );
+        assert_eq!(keys.caller("s".repeat(31).as_bytes()), None);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `SessionService` → map to JSON.
 
 pub mod admin;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod introspect;
@@ -49,6 +50,7 @@ pub struct AppState {
         sessions::logout_others, sessions::logout_one, sessions::reauth,
         admin::list_user, admin::revoke_user, admin::revoke_device, admin::revoke_session,
         admin::logout_all, admin::rotate_key,
+        events::events, events::user_events, events::session,
         introspect::introspect,
         health::healthz, health::readyz, health::metrics, health::openapi,
         wellknown::jwks,
@@ -193,8 +195,19 @@ pub fn configure(cfg: &mut web::ServiceConfig, body_limit: usize) {
     )
     .service(
         web::resource("/v1/admin/sessions/{session_id}")
+            .route(web::get().to(events::session))
             .route(web::delete().to(admin::revoke_session))
-            .default_service(not_allowed("DELETE")),
+            .default_service(not_allowed("GET, DELETE")),
+    )
+    .service(
+        web::resource("/v1/admin/events")
+            .route(web::get().to(events::events))
+            .default_service(not_allowed("GET")),
+    )
+    .service(
+        web::resource("/v1/admin/users/{user_id}/events")
+            .route(web::get().to(events::user_events))
+            .default_service(not_allowed("GET")),
     )
     .service(
         web::resource("/v1/admin/logout-all")

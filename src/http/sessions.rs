@@ -148,7 +148,7 @@ pub struct ReauthBody {
     )
 )]
 pub async fn create(
-    _: IssuerPrincipal,
+    issuer: IssuerPrincipal,
     state: web::Data<AppState>,
     body: web::Json<CreateSessionBody>,
 ) -> Result<HttpResponse, ApiError> {
@@ -165,7 +165,7 @@ pub async fn create(
         metadata: Metadata::parse(body.metadata.as_ref())
             .map_err(|e| ApiError::InvalidRequest(e.0))?,
     };
-    let created = state.service.create(req).await?;
+    let created = state.service.create_as(req, &issuer.actor).await?;
     Ok(HttpResponse::Created()
         .insert_header(("Cache-Control", "no-store"))
         .json(CreatedBody {
@@ -299,12 +299,12 @@ pub async fn logout_one(
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody))
 )]
 pub async fn reauth(
-    _: IssuerPrincipal,
+    issuer: IssuerPrincipal,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let session = SessionId::parse(&path).map_err(|_| ApiError::NotFound)?;
-    let auth_ms = state.service.reauth(&session).await?;
+    let auth_ms = state.service.reauth_as(&session, &issuer.actor).await?;
     Ok(HttpResponse::Ok().json(ReauthBody {
         session_id: session.as_str().to_string(),
         auth_time: auth_ms / 1000,

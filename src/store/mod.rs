@@ -15,6 +15,7 @@
 //! `sessiongate_redis_reply_mismatch_total`, and drops the connection.
 
 mod conn;
+pub mod events;
 pub mod keys;
 pub mod near_cache;
 pub mod record;
@@ -52,6 +53,13 @@ static NEXT_NONCE: AtomicU64 = AtomicU64::new(1);
 
 /// `EVALSHA <sha> 1 <key>`; the caller adds the script's arguments, then
 /// [`Store::run_script`] adds the nonce.
+/// `EVALSHA <sha> 2 <key> <event stream>`: a script that writes events.
+fn evalsha_ev(script: &Script, key: &str, stream: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(2).arg(key).arg(stream);
+    cmd
+}
+
 fn evalsha(script: &Script, key: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(script.get_hash()).arg(1).arg(key);
@@ -268,6 +276,8 @@ pub struct Store {
     keys: KeySchema,
     scripts: Scripts,
     metrics: Arc<Metrics>,
+    /// Lifecycle events (issue 10): how the scripts write them.
+    events: events::EventConfig,
     /// The opt-in near-cache ([`near_cache`]); `None`: every verify reads Redis.
     near: Option<Arc<near_cache::NearCache>>,
     /// `<prefix>readyz-probe`, never set: in Sentinel mode a verify's read
@@ -315,6 +325,7 @@ impl Store {
             metrics,
         )?;
         store.min_replicas_ack = settings.redis_min_replicas_ack;
+        store.events = events::EventConfig::from_settings(settings);
         Ok(store)
     }
 
@@ -346,8 +357,15 @@ impl Store {
                 probe: Script::new(include_str!("lua/probe.lua")),
             },
             metrics,
+            events: events::EventConfig::default(),
             near: None,
         })
+    }
+
+    /// The same store, writing lifecycle events as `events` says.
+    pub fn with_events(mut self, events: events::EventConfig) -> Store {
+        self.events = events;
+        self
     }
 
     /// Turns the near-cache on (`ttl` > 0; a single Redis only, not with
@@ -416,7 +434,29 @@ impl Store {
         script: &Script,
         cmd: redis::Cmd,
     ) -> Result<std::vec::IntoIter<Value>, StoreError> {
-        self.run_script_waiting(script, cmd, 0).await
+        self.run_script_waiting(script, cmd, 0, None).await
+    }
+
+    /// [`Store::run_script`], with `tail` (the event context) after the nonce.
+    async fn run_script_tail(
+        &self,
+        script: &Script,
+        cmd: redis::Cmd,
+        tail: &str,
+    ) -> Result<std::vec::IntoIter<Value>, StoreError> {
+        self.run_script_waiting(script, cmd, 0, Some(tail)).await
+    }
+
+    /// [`Store::run_acknowledged`], with `tail` (the event context) after
+    /// the nonce.
+    async fn run_acknowledged_tail(
+        &self,
+        script: &Script,
+        cmd: redis::Cmd,
+        tail: &str,
+    ) -> Result<std::vec::IntoIter<Value>, StoreError> {
+        self.run_script_waiting(script, cmd, self.min_replicas_ack, Some(tail))
+            .await
     }
 
     /// [`Store::run_script`] for a change the client is told is done: when
@@ -425,12 +465,15 @@ impl Store {
     /// redis-rs routes a pipeline by its first keyed command), in the same
     /// round trip; fewer confirmations fail it with
     /// [`StoreError::NotReplicated`].
+    // Every acknowledged change writes events now (`run_acknowledged_tail`);
+    // kept for a change without one.
+    #[allow(dead_code)]
     async fn run_acknowledged(
         &self,
         script: &Script,
         cmd: redis::Cmd,
     ) -> Result<std::vec::IntoIter<Value>, StoreError> {
-        self.run_script_waiting(script, cmd, self.min_replicas_ack)
+        self.run_script_waiting(script, cmd, self.min_replicas_ack, None)
             .await
     }
 
@@ -439,9 +482,13 @@ impl Store {
         script: &Script,
         mut cmd: redis::Cmd,
         replicas: u32,
+        tail: Option<&str>,
     ) -> Result<std::vec::IntoIter<Value>, StoreError> {
         let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
         cmd.arg(nonce);
+        if let Some(tail) = tail {
+            cmd.arg(tail);
+        }
         let cmd = &cmd;
         let (reply, acks): (Vec<Value>, i64) = if replicas == 0 {
             let reply = self
@@ -691,7 +738,8 @@ impl Store {
         started: std::time::Instant,
     ) -> Result<Option<i64>, StoreError> {
         let left = self.conn.timeout().saturating_sub(started.elapsed());
-        let mut cmd = evalsha(&self.scripts.touch, key);
+        let tag = session.tag_str();
+        let mut cmd = evalsha_ev(&self.scripts.touch, key, &self.keys.user_stream(tag));
         cmd.arg(session.field())
             .arg(device.as_str())
             .arg(live.idle_ms)
@@ -700,7 +748,9 @@ impl Store {
             .arg(live.epoch)
             .arg(&seen.ip)
             .arg(&seen.user_agent);
-        let call = self.run_script(&self.scripts.touch, cmd);
+        // A dead record deleted here gets its session.revoked event.
+        let ctx = self.event_context(tag, "system", "");
+        let call = self.run_script_tail(&self.scripts.touch, cmd, &ctx);
         let mut it = tokio::time::timeout(left, call)
             .await
             .unwrap_or(Err(StoreError::Timeout(self.conn.timeout())))?;
@@ -714,8 +764,19 @@ impl Store {
     }
 
     pub async fn create(&self, new: NewSession<'_>, live: Liveness) -> Result<Created, StoreError> {
+        self.create_as(new, live, "issuer").await
+    }
+
+    /// [`Store::create`], its events naming `actor`.
+    pub async fn create_as(
+        &self,
+        new: NewSession<'_>,
+        live: Liveness,
+        actor: &str,
+    ) -> Result<Created, StoreError> {
+        let tag = new.session.tag_str();
         let key = self.keys.user(&new.session.user_tag());
-        let mut cmd = evalsha(&self.scripts.create, &key);
+        let mut cmd = evalsha_ev(&self.scripts.create, &key, &self.keys.user_stream(tag));
         cmd.arg(new.session.field())
             .arg(new.user.as_str())
             .arg(new.device.as_str())
@@ -726,7 +787,10 @@ impl Store {
             .arg(new.max_per_user)
             .arg(live.cutoff_ms)
             .arg(live.epoch);
-        let result = self.run_acknowledged(&self.scripts.create, cmd).await;
+        let ctx = self.event_context(tag, actor, "");
+        let result = self
+            .run_acknowledged_tail(&self.scripts.create, cmd, &ctx)
+            .await;
         // It may have replaced or evicted records this instance has cached.
         self.forget_locally(&key);
         let mut it = result?;
@@ -746,26 +810,36 @@ impl Store {
         which: Revoke<'_>,
         live: Liveness,
     ) -> Result<u64, StoreError> {
-        self.revoke_key(&self.keys.user(user), which, live).await
+        self.revoke_as(user, which, live, "admin", "admin_revoke")
+            .await
     }
 
-    async fn revoke_key(
+    /// [`Store::revoke`], its events naming `actor` and `reason` (one of
+    /// the event reasons, see [`events`]).
+    pub async fn revoke_as(
         &self,
-        key: &str,
+        user: &UserTag,
         which: Revoke<'_>,
         live: Liveness,
+        actor: &str,
+        reason: &str,
     ) -> Result<u64, StoreError> {
-        let cmd = self.revoke_cmd(key, which, live);
-        let result = self.run_acknowledged(&self.scripts.revoke, cmd).await;
+        let key = self.keys.user(user);
+        let cmd = self.revoke_cmd(&key, which, live);
+        let ctx = self.event_context(user.as_str(), actor, reason);
+        let result = self
+            .run_acknowledged_tail(&self.scripts.revoke, cmd, &ctx)
+            .await;
         // Refused here at once, whether or not the reply came back; other
         // instances hear of it by invalidation (or within the bound).
-        self.forget_locally(key);
+        self.forget_locally(&key);
         let mut it = result?;
         Ok(int(it.next())?.max(0) as u64)
     }
 
     fn revoke_cmd(&self, key: &str, which: Revoke<'_>, live: Liveness) -> redis::Cmd {
-        let mut cmd = evalsha(&self.scripts.revoke, key);
+        let tag = self.keys.tag_of_user_key(key).unwrap_or("");
+        let mut cmd = evalsha_ev(&self.scripts.revoke, key, &self.keys.user_stream(tag));
         match which {
             Revoke::One(field) => cmd.arg("one").arg(field),
             Revoke::AllExcept(keep) => cmd.arg("except").arg(keep.unwrap_or("")),
@@ -782,13 +856,27 @@ impl Store {
         session: &SessionId,
         live: Liveness,
     ) -> Result<Option<i64>, StoreError> {
+        self.reauth_as(session, live, "issuer").await
+    }
+
+    /// [`Store::reauth`], its event naming `actor`.
+    pub async fn reauth_as(
+        &self,
+        session: &SessionId,
+        live: Liveness,
+        actor: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let tag = session.tag_str();
         let key = self.keys.user(&session.user_tag());
-        let mut cmd = evalsha(&self.scripts.reauth, &key);
+        let mut cmd = evalsha_ev(&self.scripts.reauth, &key, &self.keys.user_stream(tag));
         cmd.arg(session.field())
             .arg(live.idle_ms)
             .arg(live.cutoff_ms)
             .arg(live.epoch);
-        let result = self.run_acknowledged(&self.scripts.reauth, cmd).await;
+        let ctx = self.event_context(tag, actor, "");
+        let result = self
+            .run_acknowledged_tail(&self.scripts.reauth, cmd, &ctx)
+            .await;
         self.forget_locally(&key);
         let mut it = result?;
         Ok(match int(it.next())? {
@@ -829,7 +917,20 @@ impl Store {
 
     /// Applies an operation to the global state and returns it.
     pub async fn global(&self, op: GlobalOp<'_>) -> Result<GlobalRecord, StoreError> {
-        let mut cmd = evalsha(&self.scripts.global, self.keys.global());
+        self.global_as(op, "admin").await
+    }
+
+    /// [`Store::global`], its event naming `actor`.
+    pub async fn global_as(
+        &self,
+        op: GlobalOp<'_>,
+        actor: &str,
+    ) -> Result<GlobalRecord, StoreError> {
+        let mut cmd = evalsha_ev(
+            &self.scripts.global,
+            self.keys.global(),
+            self.keys.global_stream(),
+        );
         match op {
             GlobalOp::Init { kid } => cmd.arg("init").arg(kid).arg(0),
             GlobalOp::Rotate {
@@ -844,9 +945,16 @@ impl Store {
         cmd.arg(self.keys.events());
         // A lost `init` fails closed (a new ring: tokens of the lost kid are
         // refused), so only rotations and cutoffs wait for replicas.
+        let ctx = self.event_context("", actor, "");
         let mut it = match op {
-            GlobalOp::Init { .. } => self.run_script(&self.scripts.global, cmd).await?,
-            _ => self.run_acknowledged(&self.scripts.global, cmd).await?,
+            GlobalOp::Init { .. } => {
+                self.run_script_tail(&self.scripts.global, cmd, &ctx)
+                    .await?
+            }
+            _ => {
+                self.run_acknowledged_tail(&self.scripts.global, cmd, &ctx)
+                    .await?
+            }
         };
         Ok(GlobalRecord {
             cutoff_ms: int(it.next())?,
@@ -1017,6 +1125,8 @@ impl Store {
             let mut cmd = self.revoke_cmd(key, Revoke::Dead, target);
             let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
             cmd.arg(nonce);
+            let tag = self.keys.tag_of_user_key(key).unwrap_or("");
+            cmd.arg(self.event_context(tag, "system", "logout_all"));
             let reply = self
                 .conn
                 .bounded(async {

@@ -91,10 +91,9 @@ fn user_key(user: &str) -> String {
     use base64::Engine;
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(user.as_bytes());
-    format!(
-        "sg:u{{{}}}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16])
-    )
+    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16]);
+    let shard = sessiongate::store::keys::shard_label(sessiongate::store::keys::shard_of(&tag));
+    format!("sg:u{{{shard}}}{tag}")
 }
 
 /// A Redis Cluster key's slot: CRC16 (XMODEM) of its hash tag, mod 16384.
@@ -339,10 +338,12 @@ async fn killing_a_shard_primary_gives_503_then_recovers_and_keeps_every_logout(
 
 /// A slot moved from one primary to another under load (issue 8 item 6),
 /// by hand as `redis-cli --cluster reshard` does it: `SETSLOT IMPORTING` /
-/// `MIGRATING`, one `MIGRATE` per key with requests in between (so they
-/// meet `ASK` for a key already moved and the source for one not yet), then
-/// `SETSLOT NODE` everywhere (`MOVED` from then on). Several users share
-/// the slot. No wrong answer and no 5xx at all: `MOVED`/`ASK` are absorbed
+/// `MIGRATING`, one `MIGRATE ... KEYS` of every key of the slot (the
+/// users' hashes share it with their shard's event stream and tombstones,
+/// and every script writes both a hash and the stream: moved apart, Redis
+/// answers `TRYAGAIN` until the rest follows), requests before it (on the
+/// source) and after it (`ASK`), then `SETSLOT NODE` everywhere (`MOVED`
+/// from then on). Several users share the slot. No wrong answer and no 5xx at all: `MOVED`/`ASK` are absorbed
 /// by the client's redirects, within the request's retry budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_resharded_under_load_gives_no_wrong_answer_and_no_5xx() {
@@ -407,15 +408,30 @@ async fn a_slot_resharded_under_load_gives_no_wrong_answer_and_no_5xx() {
         ok
     );
     let target_port = target.port().to_string();
+    // A login while the slot is migrating and its keys are still on the
+    // source.
+    let before = app.create(&users[0], "extra").await;
+    assert_eq!(app.verify_status(&before.token).await, StatusCode::OK);
+    let reply = source.cmd(&["CLUSTER", "GETKEYSINSLOT", &slot_s, "1000"]);
+    let keys: Vec<&str> = reply
+        .split("\r\n")
+        .skip(1)
+        .filter(|l| !l.starts_with('$') && !l.is_empty())
+        .collect();
+    assert!(keys.len() > users.len(), "the slot's keys: {reply}");
+    let mut migrate = vec![
+        "MIGRATE",
+        "127.0.0.1",
+        &target_port,
+        "",
+        "0",
+        "5000",
+        "KEYS",
+    ];
+    migrate.extend(keys.iter().copied());
+    assert_eq!(source.cmd(&migrate), ok, "MIGRATE {keys:?}");
     for (i, u) in users.iter().enumerate() {
-        let key = user_key(u);
-        assert_eq!(
-            source.cmd(&["MIGRATE", "127.0.0.1", &target_port, &key, "0", "5000"]),
-            ok,
-            "MIGRATE {key}"
-        );
-        // Between keys: a logout (on a moved key: ASK) and a login for a
-        // user whose key has moved and one whose key has not.
+        // After the move, before SETSLOT NODE: a logout and a login (ASK).
         if i + 1 < users.len() {
             acked.push(logout(i + 1).await);
         }
@@ -459,5 +475,68 @@ async fn a_slot_resharded_under_load_gives_no_wrong_answer_and_no_5xx() {
     assert_eq!(
         source.cmd(&["CLUSTER", "COUNTKEYSINSLOT", &slot_s]),
         ":0\r\n"
+    );
+}
+
+/// Lifecycle events in a Cluster: each change's script writes its event to
+/// the stream of the user's shard, in the user hash's slot (else Redis would
+/// refuse the script as cross-slot), and the events endpoint reads every
+/// node's streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_written_with_their_change_on_the_users_slot_in_a_cluster() {
+    let cluster = TestCluster::start(3, 0, 5000);
+    let app = app_on(&cluster).await;
+    let mut sessions = Vec::new();
+    for i in 0..40 {
+        sessions.push(app.create(&format!("user-{i}"), "laptop").await);
+    }
+    for s in &sessions[..20] {
+        assert_eq!(app.logout(&s.token).await.status(), StatusCode::NO_CONTENT);
+    }
+    assert_eq!(app.rotate_keys().await.status(), StatusCode::OK);
+    let events = crate::events::all_events(&app, "").await;
+    let of = |kind: &str| -> std::collections::HashSet<String> {
+        events
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .map(|e| e["session_id"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let all: std::collections::HashSet<String> =
+        sessions.iter().map(|s| s.session_id.clone()).collect();
+    let logged_out: std::collections::HashSet<String> = sessions[..20]
+        .iter()
+        .map(|s| s.session_id.clone())
+        .collect();
+    assert_eq!(of("session.created"), all);
+    assert_eq!(of("session.revoked"), logged_out);
+    assert_eq!(of("keys.rotated").len(), 1);
+    assert_eq!(events.len(), 40 + 20 + 1);
+    // Every user hash lives on the node of its shard's stream, and the
+    // streams are spread over the nodes.
+    let scan = |node: &TestRedis, pattern: &str| -> Vec<String> {
+        node.cmd(&["SCAN", "0", "MATCH", pattern, "COUNT", "10000"])
+            .split("\r\n")
+            .skip(4)
+            .filter(|l| l.starts_with("sg:"))
+            .map(str::to_string)
+            .collect()
+    };
+    let mut nodes_with_streams = 0;
+    for node in &cluster.nodes {
+        let streams = scan(node, "sg:ev{*");
+        nodes_with_streams += usize::from(!streams.is_empty());
+        for key in scan(node, "sg:u{*") {
+            let shard = &key["sg:u{".len()..="sg:u{".len()];
+            let stream = format!("sg:ev{{{shard}}}");
+            assert!(
+                streams.contains(&stream),
+                "{key} without {stream} on its node"
+            );
+        }
+    }
+    assert!(
+        nodes_with_streams >= 2,
+        "streams on {nodes_with_streams} node(s)"
     );
 }

@@ -14,6 +14,7 @@ mod cli;
 mod cluster;
 mod console;
 mod epochs;
+mod events;
 mod failover;
 mod fault_proxy;
 mod faults;

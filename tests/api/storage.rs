@@ -8,7 +8,8 @@ use serde_json::json;
 
 use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_with};
 
-/// Every key in the app's Redis (SCAN; KEYS is disabled by redis.conf).
+/// Every key in the app's Redis (SCAN; KEYS is disabled by redis.conf),
+/// but for the lifecycle event streams and tombstones (tests/api/events.rs).
 fn all_keys(app: &TestApp) -> Vec<String> {
     let reply = app.redis_cmd(&["SCAN", "0", "MATCH", "*", "COUNT", "10000"]);
     // RESP: *2 $1 0 *N $len key ...
@@ -18,6 +19,7 @@ fn all_keys(app: &TestApp) -> Vec<String> {
         .chunks(2)
         .filter_map(|c| c.get(1).map(|k| k.to_string()))
         .filter(|k| !k.is_empty())
+        .filter(|k| !(k.starts_with("sg:ev{") || k.starts_with("sg:t{") || k == "{sg:global}:ev"))
         .collect()
 }
 
@@ -50,7 +52,10 @@ async fn every_session_key_has_a_ttl_within_the_absolute_lifetime() {
         if key == "sg:global" {
             assert_eq!(ttl, -1, "the small global hash has no TTL");
         } else {
-            assert!(key.starts_with("sg:u{") && key.ends_with('}'), "{key}");
+            assert!(
+                key.starts_with("sg:u{") && key.len() == "sg:u{x}".len() + 22,
+                "{key}"
+            );
             // Bounded by the idle timeout here, which is shorter than the lifetime.
             assert!(ttl > 0 && ttl <= 600_000, "{key} has PTTL {ttl}");
         }
@@ -274,7 +279,7 @@ async fn the_logout_all_purge_runs_over_the_pool_not_the_request_path_connection
     let lines = monitor.finish(&app);
 
     let is_purge_script = |args: &[String]| {
-        args.first().is_some_and(|c| c == "evalsha") && args.get(4).is_some_and(|m| m == "dead")
+        args.first().is_some_and(|c| c == "evalsha") && args.get(5).is_some_and(|m| m == "dead")
     };
     let scan_clients: HashSet<&str> = lines
         .iter()
@@ -357,11 +362,15 @@ async fn the_touch_script_never_recreates_a_record_and_keeps_later_elements() {
         include_str!("../../src/store/lua/touch.lua")
     );
     let key = "sg:u{touch-test}";
-    // ARGV: field, device, idle, touch interval, cutoff, epoch, client
-    // address, user agent, nonce.
+    let stream = "sg:ev{touch-test}";
+    // KEYS: user hash, event stream. ARGV: field, device, idle, touch
+    // interval, cutoff, epoch, client address, user agent, nonce, event
+    // context.
+    let ctx = r#"{"s":"1","a":"system","m":"1000","t":"","r":"0","g":"tag","o":""}"#;
     let run_from = |field: &str, touch_ms: &str, ip: &str, ua: &str| {
         app.redis_cmd(&[
-            "EVAL", touch, "1", key, field, "laptop", "60000", touch_ms, "0", "0", ip, ua, "n1",
+            "EVAL", touch, "2", key, stream, field, "laptop", "60000", touch_ms, "0", "0", ip, ua,
+            "n1", ctx,
         ])
     };
     let run = |field: &str, touch_ms: &str| run_from(field, touch_ms, "", "");
@@ -413,8 +422,18 @@ async fn the_touch_script_never_recreates_a_record_and_keeps_later_elements() {
     // Dead (past its lifetime): deleted, and the hash with it.
     app.redis_cmd(&["EVAL", seed, "1", key, "f3", "-1"]);
     app.redis_cmd(&["HDEL", key, "f2"]);
+    assert_eq!(app.redis_cmd(&["XLEN", stream]), ":0\r\n");
     assert_eq!(run("f3", "-1"), "*2\r\n$2\r\nn1\r\n:0\r\n");
     assert_eq!(app.redis_cmd(&["EXISTS", key]), ":0\r\n");
+    // Its one event: revoked, lifetime expired, by the system.
+    let event = app.redis_cmd(&["XRANGE", stream, "-", "+"]);
+    assert!(
+        event.starts_with("*1\r\n")
+            && event.contains("session.revoked")
+            && event.contains("lifetime_expired")
+            && event.contains("tagf3"),
+        "{event}"
+    );
 }
 
 /// A create that runs twice (a Redis Cluster client resends a command whose
@@ -428,11 +447,28 @@ fn a_create_run_twice_keeps_its_own_session() {
         include_str!("../../src/store/lua/create.lua")
     );
     let (key, field) = ("t:u{tag}", "QQ_SvuDaoL8NmW1Kwuf8Lg");
-    // field, user, device, auth_time, metadata, idle ms, lifetime ms, cap,
-    // cutoff ms, epoch, nonce
+    // KEYS: user hash, event stream. ARGV: field, user, device, auth_time,
+    // metadata, idle ms, lifetime ms, cap, cutoff ms, epoch, nonce, event
+    // context.
+    let ctx = r#"{"s":"1","a":"issuer","m":"1000","t":"","r":"0","g":"tag","o":""}"#;
     let create = [
-        "EVAL", script, "1", key, field, "alice", "laptop", "", "", "600000", "600000", "10", "0",
-        "0", "7",
+        "EVAL",
+        script,
+        "2",
+        key,
+        "t:ev{tag}",
+        field,
+        "alice",
+        "laptop",
+        "",
+        "",
+        "600000",
+        "600000",
+        "10",
+        "0",
+        "0",
+        "7",
+        ctx,
     ];
     for run in 0..2 {
         let reply = redis.cmd(&create);

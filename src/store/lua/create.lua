@@ -12,6 +12,10 @@
 -- ARGV[8]  max sessions per user  ARGV[9] global cutoff ms
 -- ARGV[10] logout-all epoch the caller knows (stamped into the record)
 -- ARGV[11] nonce
+-- KEYS[2]  event stream; last ARGV: event context (prelude.lua, `emit`)
+-- Events: session.revoked for every record removed (dead: its dead_reason,
+--          actor "system"; replaced_same_device; cap_evicted), then
+--          session.created.
 -- Returns  {nonce, created_ms, expires_ms, auth_time_ms, replaced, evicted}
 --          (created_ms is after the cutoff even within its millisecond)
 --          or an error reply when the user tag collides with another user.
@@ -26,6 +30,7 @@ end
 -- Plan first, write the new record, then delete: if Redis refuses the
 -- write (out of memory), nothing was deleted and the caller gets an error.
 local live, doomed, replaced, evicted = {}, {}, 0, 0
+local gone = {} -- events: {field, rec, reason, actor or nil}
 local all = redis.call('HGETALL', key)
 for i = 1, #all, 2 do
   local f = all[i]
@@ -36,11 +41,13 @@ for i = 1, #all, 2 do
     local rec = cmsgpack.unpack(all[i + 1])
     if not alive(rec, now, idle, cutoff, epoch) then
       doomed[#doomed + 1] = f
+      gone[#gone + 1] = {f, rec, dead_reason(rec, now, idle, cutoff, epoch), 'system'}
     elseif rec[5] == ARGV[3] then
       doomed[#doomed + 1] = f
       replaced = replaced + 1
+      gone[#gone + 1] = {f, rec, 'replaced_same_device'}
     else
-      live[#live + 1] = {f, rec[2], deadline(rec, idle)}
+      live[#live + 1] = {f, rec[2], deadline(rec, idle), rec}
     end
   end
 end
@@ -49,6 +56,7 @@ table.sort(live, function(a, b) return a[2] < b[2] end)
 local first = 1
 while #live - first + 1 >= cap do
   doomed[#doomed + 1] = live[first][1]
+  gone[#gone + 1] = {live[first][1], live[first][4], 'cap_evicted'}
   first = first + 1
   evicted = evicted + 1
 end
@@ -70,4 +78,8 @@ for i = first, #live do
   until_ms = math.max(until_ms, live[i][3])
 end
 redis.call('PEXPIREAT', key, until_ms)
+for _, g in ipairs(gone) do
+  emit('session.revoked', g[3], g[4], ARGV[2], g[1], g[2][5], g[2][4])
+end
+emit('session.created', '', nil, ARGV[2], ARGV[1], ARGV[3], expires)
 return {ARGV[11], created, expires, auth, replaced, evicted}

@@ -22,6 +22,9 @@
 --                         rises as well
 -- ARGV[4]  events channel  ARGV[5] nonce
 -- Returns  {nonce, cutoff_ms, ring_json, now_ms, epoch}
+-- KEYS[2]  global event stream; last ARGV: event context (prelude.lua)
+-- Events: sessions.logout_all (with "cutoff") when the cutoff or the epoch
+--          rose; keys.rotated (with "kid") on a rotation.
 local key, op, nonce = KEYS[1], ARGV[1], ARGV[5]
 local now = now_ms()
 local changed = false
@@ -58,6 +61,7 @@ if op == 'rotate' and ring.active ~= ARGV[2] then
   keep[#keep + 1] = {kid = ARGV[2], retire_at = 0}
   ring = {active = ARGV[2], keys = keep}
   changed = true
+  emit('keys.rotated', '', nil, '', '', '', 0, {'kid', ARGV[2]})
 elseif op == 'cutoff' then
   local wanted = now
   if ARGV[2] ~= '' then
@@ -73,6 +77,9 @@ elseif op == 'cutoff' then
     epoch = math.max(epoch + 1, now)
     redis.call('HSET', key, 'epoch', epoch)
     changed = true
+  end
+  if changed then
+    emit('sessions.logout_all', '', nil, '', '', '', 0, {'cutoff', string.format('%d', cutoff)})
   end
 end
 if changed then

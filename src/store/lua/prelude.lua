@@ -46,3 +46,58 @@ local function drop_if_empty(key)
     redis.call('DEL', key)
   end
 end
+
+-- Lifecycle events (issue 10; see src/store/events.rs). A script that
+-- changes sessions takes an event context as its LAST argument, after the
+-- nonce (so every other argument keeps its position): JSON
+-- (the stream is KEYS[2])
+--   {"s": "1" ("" = events off), "a": actor, "m": stream max length,
+--    "t": tombstone key base ("" = none), "r": tombstone retention ms,
+--    "g": user tag, "o": the reason this call revokes for}
+-- emit() appends one event to the stream inside the script making the
+-- change: no change without its event, no event without its change.
+local EV
+local function ev()
+  if EV == nil then
+    EV = cjson.decode(ARGV[#ARGV])
+  end
+  return EV
+end
+
+-- Why a record found dead by time, cutoff or epoch ended.
+local function dead_reason(rec, now, idle, cutoff, epoch)
+  if rec[1] <= cutoff or (rec[7] or 0) < epoch then
+    return 'logout_all'
+  elseif rec[4] <= now then
+    return 'lifetime_expired'
+  end
+  return 'idle_expired'
+end
+
+-- kind, reason ('' = none), actor (nil = the context's), user id, session
+-- field ('' = none), device id, exp_ms (0 = none), extra: more field/value
+-- pairs. A revocation also leaves a tombstone for `r` ms.
+local function emit(kind, reason, actor, uid, field, device, exp_ms, extra)
+  local c = ev()
+  if c.s == '' then
+    return
+  end
+  local sid = ''
+  if field ~= '' then
+    sid = c.g .. field
+  end
+  local exp = string.format('%d', math.floor(exp_ms / 1000))
+  local args = {'XADD', KEYS[2], 'MAXLEN', '~', c.m, '*', 'v', '1', 'type', kind,
+    'reason', reason, 'actor', actor or c.a, 'user_id', uid, 'session_id', sid,
+    'device_id', device, 'exp', exp}
+  for _, v in ipairs(extra or {}) do
+    args[#args + 1] = v
+  end
+  local id = redis.call(unpack(args))
+  if kind == 'session.revoked' and c.t ~= '' then
+    local tomb = c.t .. sid
+    redis.call('HSET', tomb, 'ended_at', string.match(id, '^%d+'), 'reason', reason,
+      'actor', actor or c.a, 'user_id', uid, 'device_id', device, 'exp', exp, 'event', id)
+    redis.call('PEXPIRE', tomb, c.r)
+  end
+end

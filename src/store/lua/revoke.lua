@@ -9,22 +9,32 @@
 --                           cutoff and epoch kill, counted when alive by time
 -- ARGV[3]  idle timeout ms  ARGV[4] global cutoff ms  ARGV[5] logout-all epoch
 -- ARGV[6]  nonce
+-- KEYS[2]  event stream; last ARGV: event context (prelude.lua, `emit`)
+-- Events: session.revoked per record removed: a live one with the
+--          context's reason ("o") and actor; a dead one with its
+--          dead_reason, actor "system".
 -- Returns  {nonce, the number of live sessions removed}
 local key, mode, arg = KEYS[1], ARGV[1], ARGV[2]
 local idle, cutoff, epoch = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
 local removed = 0
+local uid = redis.call('HGET', key, '!u') or ''
 -- What counts as live when removed: for the purge, time alone, so it counts
 -- the sessions the logout-all revoked.
 local count_cutoff, count_epoch = cutoff, epoch
 if mode == 'dead' then
   count_cutoff, count_epoch = -1, -1
 end
+-- The delete first: Redis out of memory refuses a script's first write
+-- only, and a logout must still work then (its event and tombstone follow).
 local function drop(f, rec)
+  redis.call('HDEL', key, f)
   if alive(rec, now, idle, count_cutoff, count_epoch) then
     removed = removed + 1
+    emit('session.revoked', ev().o, nil, uid, f, rec[5], rec[4])
+  else
+    emit('session.revoked', dead_reason(rec, now, idle, cutoff, epoch), 'system', uid, f, rec[5], rec[4])
   end
-  redis.call('HDEL', key, f)
 end
 if mode == 'one' then
   local blob = redis.call('HGET', key, arg)

@@ -16,6 +16,9 @@
 --          nothing): stored as the record's last_ip / last_user_agent
 --          (elements 8 and 9, see prelude.lua) when the touch slides it
 -- ARGV[9]  nonce
+-- KEYS[2]  event stream; last ARGV: event context (prelude.lua, `emit`)
+-- Events: session.revoked (idle_expired / lifetime_expired / logout_all,
+--          actor "system") when a dead record is found and deleted.
 -- Returns  {nonce, 0} when the record is gone or dead (a dead one is
 --          deleted here); else {nonce, 1, last_seen_ms} (slid to now, or
 --          as stored when not due, not this device's, or Redis refused the
@@ -28,8 +31,11 @@ end
 local now = now_ms()
 local idle = tonumber(ARGV[3])
 local rec = cmsgpack.unpack(blob)
-if not alive(rec, now, idle, tonumber(ARGV[5]), tonumber(ARGV[6])) then
+local cutoff, epoch = tonumber(ARGV[5]), tonumber(ARGV[6])
+if not alive(rec, now, idle, cutoff, epoch) then
   redis.call('HDEL', key, field)
+  emit('session.revoked', dead_reason(rec, now, idle, cutoff, epoch), 'system',
+    redis.call('HGET', key, '!u') or '', field, rec[5], rec[4])
   drop_if_empty(key)
   return {nonce, 0}
 end
