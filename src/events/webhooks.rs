@@ -1,33 +1,33 @@
 //! The webhook dispatcher: one background task per configured endpoint.
 //!
-//! Each endpoint reads the event streams through its own Redis consumer
-//! group (`webhook:<name>`, created at the start of the retained history),
-//! so its cursor lives in Redis: a restart (or a `kill -9`) resumes where
-//! the endpoint stopped, first re-delivering what was read but not yet
-//! acknowledged (at least once). Every instance is the same consumer
-//! (`sessiongate`): with several instances each event goes to one of them;
-//! one that stays pending longer than [`CLAIM_IDLE`] (its instance died) is
-//! taken over by another.
+//! Each endpoint keeps its cursor (the id of the last event it is done
+//! with) in Redis, in the hash `<prefix>hook:<name>`, beside a lease: of
+//! all instances, the one holding the lease delivers, renews it while it
+//! works, and saves the cursor only while it still holds it. A restart (or
+//! a `kill -9`) resumes after the saved cursor, so an event delivered but
+//! not yet saved is delivered again (at least once); when the holder dies,
+//! another instance takes over once its lease runs out ([`lease`]). A new
+//! endpoint starts at the oldest retained event.
 //!
-//! An event is acknowledged (`XACK`) after a 2xx, or after
+//! Events are delivered in order. An event is done after a 2xx, or after
 //! `webhook_max_attempts` failures, when it goes to the dead-letter stream
 //! (`<prefix>dead`). Between attempts the wait doubles from
 //! `webhook_backoff`, up to [`MAX_BACKOFF`]. Redirects are not followed,
 //! and the response body is never read (a huge body costs nothing), each
 //! attempt bounded by `webhook_timeout`. A bad endpoint only holds up its
 //! own task; the request path never waits for any of this, and memory per
-//! endpoint is bounded by one batch ([`BATCH`] events per stream).
+//! endpoint is bounded by one batch ([`BATCH`] events).
 //!
 //! Requests are signed per Standard Webhooks: `webhook-id` (the event id),
 //! `webhook-timestamp` (Unix seconds), `webhook-signature` =
 //! `v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`.
 //!
 //! OpenID CAEP receivers (`caep_urls`) go through the same machinery (own
-//! group `caep:<name>`, retries, dead letters): each `session.revoked`
+//! cursor `caep:<name>`, retries, dead letters): each `session.revoked`
 //! event is pushed (RFC 8935) as a CAEP `session-revoked` Security Event
 //! Token (RFC 8417), `Content-Type: application/secevent+jwt`, signed with
 //! the active Ed25519 key of the ring (EdDSA, published at
-//! `/.well-known/jwks.json`); other events are acknowledged without a push.
+//! `/.well-known/jwks.json`); other events are skipped.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,22 +41,53 @@ use sha2::Sha256;
 
 use crate::config::{Secret, Settings};
 use crate::metrics::Metrics;
-use crate::store::events::{Entry, Event, STREAMS, entries, label, parse_id, to_event};
+use crate::store::events::{Cursor, Event, Filter};
 use crate::store::{Store, StoreError};
 
 pub const WEBHOOK_DELIVERIES_TOTAL: &str = "sessiongate_webhook_deliveries_total";
 pub const WEBHOOK_LAG_SECONDS: &str = "sessiongate_webhook_lag_seconds";
 
-/// Events read per stream at a time.
+/// Events read at a time.
 pub const BATCH: usize = 20;
 /// Longest wait between two attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// A pending event idle this long is taken over (its reader is gone).
-pub const CLAIM_IDLE: Duration = Duration::from_secs(300);
-/// How often an idle endpoint looks for new events.
+/// How often an idle endpoint looks for new events (one Redis; a
+/// Cluster's read costs one `XRANGE` per slot, so it looks once a second).
 const POLL: Duration = Duration::from_millis(200);
-/// The consumer name every instance uses in every group.
-const CONSUMER: &str = "sessiongate";
+const POLL_MERGED: Duration = Duration::from_secs(1);
+
+/// How long a lease lasts unless renewed: three attempts' time, at least
+/// 3 s, so a live holder always renews it in time (it renews before and
+/// after every attempt, and every [`POLL`] when idle).
+pub fn lease(webhook_timeout: Duration) -> Duration {
+    (webhook_timeout * 3).clamp(Duration::from_secs(3), Duration::from_secs(120))
+}
+
+/// Takes or renews the lease (`KEYS[1]` the endpoint's hash, `ARGV[1]` this
+/// instance, `ARGV[2]` the lease ms): 1 when this instance holds it now.
+const LEASE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local owner = redis.call('HGET', KEYS[1], 'owner')
+local until_ms = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+if owner == ARGV[1] or until_ms < now then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'until', now + tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"#;
+
+/// Saves the cursor (`ARGV[3]`) and renews the lease (`ARGV[2]` ms) if
+/// this instance (`ARGV[1]`) holds it: 1 when saved.
+const SAVE_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('HSET', KEYS[1], 'cursor', ARGV[3], 'until', now + tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"#;
 /// Dead letters kept (about).
 const DEAD_MAX_LEN: u64 = 10_000;
 
@@ -160,7 +191,11 @@ pub fn caep_claims(event: &Event, issuer: &str, audience: &str, now_s: i64) -> s
 struct Endpoint {
     name: String,
     url: String,
-    group: String,
+    /// `<prefix>hook:<name>`: cursor and lease.
+    key: String,
+    /// This instance, as a lease owner.
+    owner: String,
+    lease: Duration,
     kind: Kind,
     store: Arc<Store>,
     client: reqwest::Client,
@@ -196,12 +231,13 @@ pub fn spawn_all(
         }
     };
     let m = WebhookMetrics::new(metrics);
+    let owner = uuid::Uuid::new_v4().to_string();
     let webhooks = settings.webhook_urls.iter().filter_map(|(name, url)| {
         let key = key.clone()?;
         Some((
             name.clone(),
             url.clone(),
-            format!("webhook:{name}"),
+            store.keys().hook(&format!("webhook:{name}")),
             Kind::Webhook(key),
         ))
     });
@@ -213,7 +249,7 @@ pub fn spawn_all(
         (
             format!("caep:{name}"),
             url.clone(),
-            format!("caep:{name}"),
+            store.keys().hook(&format!("caep:{name}")),
             kind,
         )
     });
@@ -221,11 +257,13 @@ pub fn spawn_all(
         .chain(caep)
         .collect::<Vec<_>>()
         .into_iter()
-        .map(|(name, url, group, kind)| {
+        .map(|(name, url, key, kind)| {
             let endpoint = Endpoint {
                 name,
                 url,
-                group,
+                key,
+                owner: owner.clone(),
+                lease: lease(settings.webhook_timeout),
                 kind,
                 store: store.clone(),
                 client: client.clone(),
@@ -247,122 +285,123 @@ impl Endpoint {
         self.store.command(cmd).await
     }
 
-    /// Creates the group on every stream (from the start of the retained
-    /// history); an existing group is kept as it is.
-    async fn ensure_groups(&self) -> Result<(), StoreError> {
-        for i in 0..STREAMS {
-            let mut cmd = redis::cmd("XGROUP");
-            cmd.arg("CREATE")
-                .arg(self.store.stream_at(i))
-                .arg(&self.group)
-                .arg("0")
-                .arg("MKSTREAM");
-            match self.cmd(cmd).await {
-                Ok(_) => {}
-                Err(StoreError::Refused(e)) if e.contains("BUSYGROUP") => {}
-                Err(e) => return Err(e),
+    /// Takes or renews the lease: true when this instance holds it.
+    async fn hold(&self) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(LEASE_LUA)
+            .arg(1)
+            .arg(&self.key)
+            .arg(&self.owner)
+            .arg(self.lease.as_millis() as u64);
+        Ok(matches!(self.cmd(cmd).await?, Value::Int(1)))
+    }
+
+    /// The saved cursor; a new endpoint starts before every retained event.
+    async fn saved_cursor(&self) -> Result<Cursor, StoreError> {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(&self.key).arg("cursor");
+        Ok(match self.cmd(cmd).await? {
+            Value::BulkString(b) => std::str::from_utf8(&b)
+                .ok()
+                .and_then(Cursor::parse)
+                .unwrap_or_else(Cursor::start),
+            _ => Cursor::start(),
+        })
+    }
+
+    /// Saves the cursor if this instance still holds the lease.
+    async fn save(&self, cursor: &Cursor) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SAVE_LUA)
+            .arg(1)
+            .arg(&self.key)
+            .arg(&self.owner)
+            .arg(self.lease.as_millis() as u64)
+            .arg(cursor.encode());
+        Ok(matches!(self.cmd(cmd).await?, Value::Int(1)))
+    }
+
+    /// Waits `d`, renewing the lease every third of it: false when another
+    /// instance took it meanwhile.
+    async fn wait_holding(&self, d: Duration) -> Result<bool, StoreError> {
+        let deadline = Instant::now() + d;
+        loop {
+            if !self.hold().await? {
+                return Ok(false);
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(true);
+            }
+            tokio::time::sleep(left.min(self.lease / 3)).await;
         }
-        Ok(())
     }
 
     async fn run(self) {
-        let mut wait = self.backoff;
-        while let Err(e) = self.ensure_groups().await {
-            tracing::warn!(endpoint = %self.name, error = %e, "webhook: cannot create the consumer groups; retrying");
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(MAX_BACKOFF);
-        }
-        // Per stream: still re-reading what was read before but not
-        // acknowledged ("0"), or reading new events (">").
-        let mut pending = [true; STREAMS];
-        let mut last_claim: Option<Instant> = None;
+        let poll = if self.store.keys().stream_count() > 1 {
+            POLL_MERGED
+        } else {
+            POLL
+        };
         let mut wait = self.backoff;
         loop {
-            let claim = last_claim.is_none_or(|t| t.elapsed() >= CLAIM_IDLE / 4);
-            let batch = match self.fetch(&mut pending, claim).await {
-                Ok(batch) => {
+            match self.serve().await {
+                // Not the holder, or caught up: look again later.
+                Ok(()) => {
                     wait = self.backoff;
-                    if claim {
-                        last_claim = Some(Instant::now());
-                    }
-                    batch
+                    tokio::time::sleep(poll).await;
                 }
                 Err(e) => {
-                    tracing::warn!(endpoint = %self.name, error = %e, "webhook: cannot read events; retrying");
+                    tracing::warn!(endpoint = %self.name, error = %e, "webhook: stopped delivering; retrying");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(MAX_BACKOFF);
-                    continue;
                 }
-            };
-            if batch.is_empty() {
-                self.metrics.lag.with_label_values(&[&self.name]).set(0.0);
-                if pending.iter().all(|p| !p) {
-                    tokio::time::sleep(POLL).await;
-                }
-                continue;
-            }
-            for (i, id, event) in batch {
-                if let Some(event) = event
-                    && self.wants(&event)
-                {
-                    self.deliver(i, &id, &event).await;
-                }
-                self.ack(i, &id).await;
             }
         }
     }
 
-    /// The next events, oldest first across streams: pending ones first,
-    /// then new ones, and (when `claim`) ones another reader left pending.
-    async fn fetch(
-        &self,
-        pending: &mut [bool; STREAMS],
-        claim: bool,
-    ) -> Result<Vec<(usize, String, Option<Event>)>, StoreError> {
-        let mut out = Vec::new();
-        for (i, pending) in pending.iter_mut().enumerate() {
-            let stream = self.store.stream_at(i);
-            let mut found = Vec::new();
-            if claim {
-                let mut cmd = redis::cmd("XAUTOCLAIM");
-                cmd.arg(&stream)
-                    .arg(&self.group)
-                    .arg(CONSUMER)
-                    .arg(CLAIM_IDLE.as_millis() as u64)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(BATCH);
-                if let Value::Array(parts) = self.cmd(cmd).await?
-                    && let Some(claimed) = parts.into_iter().nth(1)
-                {
-                    found.extend(entries(claimed)?);
+    /// While this instance holds the lease: delivers every event after the
+    /// saved cursor, saving it as it goes. Returns when not the holder (any
+    /// more) or caught up.
+    async fn serve(&self) -> Result<(), StoreError> {
+        if !self.hold().await? {
+            return Ok(());
+        }
+        let mut cursor = self.saved_cursor().await?;
+        loop {
+            let (batch, next) = self
+                .store
+                .read_events(&cursor, &Filter::default(), BATCH)
+                .await?;
+            if batch.is_empty() {
+                self.metrics.lag.with_label_values(&[&self.name]).set(0.0);
+                if next != cursor {
+                    self.save(&next).await?;
                 }
+                return Ok(());
             }
-            let mut cmd = redis::cmd("XREADGROUP");
-            cmd.arg("GROUP")
-                .arg(&self.group)
-                .arg(CONSUMER)
-                .arg("COUNT")
-                .arg(BATCH)
-                .arg("STREAMS")
-                .arg(&stream)
-                .arg(if *pending { "0" } else { ">" });
-            let read = stream_entries(self.cmd(cmd).await?)?;
-            if *pending && read.is_empty() {
-                *pending = false;
+            for event in batch {
+                if self.wants(&event) {
+                    self.deliver(&event).await?;
+                }
+                let Some(at) = Cursor::parse(&event.id) else {
+                    continue;
+                };
+                // Lost the lease (this instance stalled past it): another
+                // instance delivers from its saved cursor.
+                if !self.save(&at).await? {
+                    return Ok(());
+                }
+                cursor = at;
             }
-            found.extend(read);
-            for (id, fields) in found {
-                // An entry trimmed away while pending comes back without
-                // fields: acknowledged, nothing to deliver.
-                let event = (!fields.is_empty()).then(|| to_event(label(i), &id, &fields));
-                out.push((i, id, event));
+            if next > cursor && !self.save(&next).await? {
+                return Ok(());
+            }
+            cursor = cursor.max(next);
+            if !self.hold().await? {
+                return Ok(());
             }
         }
-        out.sort_by_key(|(i, id, _)| (parse_id(id).unwrap_or((0, 0)), *i));
-        out.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
-        Ok(out)
     }
 
     fn wants(&self, event: &Event) -> bool {
@@ -401,7 +440,7 @@ impl Endpoint {
     }
 
     /// Attempts until a 2xx or `max_attempts`; then dead-letters it.
-    async fn deliver(&self, i: usize, id: &str, event: &Event) {
+    async fn deliver(&self, event: &Event) -> Result<(), StoreError> {
         let body = serde_json::to_vec(event).expect("an event serialises");
         let lag = ((now_ms() - event.time).max(0) as f64) / 1000.0;
         self.metrics.lag.with_label_values(&[&self.name]).set(lag);
@@ -419,7 +458,7 @@ impl Endpoint {
             match sent {
                 Ok(resp) if resp.status().is_success() => {
                     self.outcome("delivered");
-                    return;
+                    return Ok(());
                 }
                 Ok(resp) => last_error = format!("HTTP {}", resp.status().as_u16()),
                 Err(e) => last_error = e,
@@ -427,9 +466,12 @@ impl Endpoint {
             self.outcome("failed");
             tracing::debug!(endpoint = %self.name, event = %event.id, attempt, error = %last_error, "webhook attempt failed");
             if attempt < self.max_attempts {
-                tokio::time::sleep(wait).await;
+                if !self.wait_holding(wait).await? {
+                    return Err(StoreError::Protocol(
+                        "another instance took this endpoint over".into(),
+                    ));
+                }
                 wait = (wait * 2).min(MAX_BACKOFF);
-                self.touch(i, id).await;
             }
         }
         tracing::warn!(endpoint = %self.name, event = %event.id, error = %last_error, "webhook: giving up on an event (dead-lettered)");
@@ -449,38 +491,9 @@ impl Endpoint {
             .arg(&last_error)
             .arg("body")
             .arg(&body);
-        self.retry_until_done(cmd).await;
+        self.cmd(cmd).await?;
         self.outcome("dead_lettered");
-    }
-
-    /// Resets the pending entry's idle time, so no other instance takes it
-    /// over while this one is still retrying it.
-    async fn touch(&self, i: usize, id: &str) {
-        let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(self.store.stream_at(i))
-            .arg(&self.group)
-            .arg(CONSUMER)
-            .arg(0)
-            .arg(id)
-            .arg("JUSTID");
-        let _ = self.cmd(cmd).await;
-    }
-
-    async fn ack(&self, i: usize, id: &str) {
-        let mut cmd = redis::cmd("XACK");
-        cmd.arg(self.store.stream_at(i)).arg(&self.group).arg(id);
-        self.retry_until_done(cmd).await;
-    }
-
-    /// Redis down: waits and tries again (the event stays pending meanwhile,
-    /// so a restart re-delivers it).
-    async fn retry_until_done(&self, cmd: redis::Cmd) {
-        let mut wait = self.backoff;
-        while let Err(e) = self.cmd(cmd.clone()).await {
-            tracing::warn!(endpoint = %self.name, error = %e, "webhook: Redis refused; retrying");
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(MAX_BACKOFF);
-        }
+        Ok(())
     }
 
     fn outcome(&self, outcome: &str) {
@@ -488,34 +501,6 @@ impl Endpoint {
             .deliveries
             .with_label_values(&[&self.name, outcome])
             .inc();
-    }
-}
-
-/// The entries of an `XREADGROUP` reply on one stream.
-fn stream_entries(v: Value) -> Result<Vec<Entry>, StoreError> {
-    match v {
-        Value::Nil => Ok(Vec::new()),
-        Value::Array(streams) => {
-            let mut out = Vec::new();
-            for s in streams {
-                if let Value::Array(parts) = s
-                    && let Some(list) = parts.into_iter().nth(1)
-                {
-                    out.extend(entries(list)?);
-                }
-            }
-            Ok(out)
-        }
-        Value::Map(streams) => {
-            let mut out = Vec::new();
-            for (_, list) in streams {
-                out.extend(entries(list)?);
-            }
-            Ok(out)
-        }
-        other => Err(StoreError::Protocol(format!(
-            "expected an XREADGROUP reply, got {other:?}"
-        ))),
     }
 }
 

@@ -4,22 +4,24 @@
 //! Every script that changes a session or the global state appends its
 //! event(s) with `XADD` in the same script (`emit` in `lua/prelude.lua`), so a
 //! change Redis acknowledged always has its event, and an event always has
-//! its change. Events of a user go to the stream of the user's shard, which
-//! shares the user hash's slot (see [`super::keys`]); global events go to the
-//! global stream. Streams are trimmed to about `events_max_len` entries each
-//! (`XADD MAXLEN ~`), so retention is bounded; a consumer slower than that
-//! loses the oldest events (the cursor then skips them).
+//! its change. On a single Redis (or Sentinel) every event goes to one
+//! stream; on a Cluster, a user's events go to the stream of the user's
+//! slot and global events to the global stream (see [`super::keys`]).
+//! Streams are trimmed to about `events_max_len` entries each (`XADD
+//! MAXLEN ~`), so retention is bounded; a consumer slower than that loses
+//! the oldest events (the cursor then skips them).
 //!
-//! An event's id is `<stream label>-<stream entry id>` (e.g.
-//! `7-1764684000123-0`, `g-1764684000123-0`): unique within a deployment
-//! (a key prefix). A revocation also leaves a tombstone hash (when, why, who)
-//! for `tombstone_retention`.
+//! An event's id is its position, `<stream index>-<entry id>` (e.g.
+//! `0-1764684000123-0`; on a Cluster the index is the slot, 16384 the
+//! global stream): unique within a deployment (a key prefix), ordered by
+//! time, then stream, then sequence, and usable as a cursor. A revocation
+//! also leaves a tombstone hash (when, why, who) for `tombstone_retention`.
 
 use redis::Value;
 use serde::Serialize;
 
-use super::keys::{EVENT_SHARDS, GLOBAL_LABEL, shard_label, shard_of};
 use super::{Store, StoreError};
+use futures_util::StreamExt;
 
 /// How the scripts write events.
 #[derive(Debug, Clone, Copy)]
@@ -54,9 +56,19 @@ impl Default for EventConfig {
 /// The version of the event schema (the `version` field, `v` in Redis).
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// How many streams a cursor has a position for: the shards, then the
-/// global stream.
-pub const STREAMS: usize = EVENT_SHARDS + 1;
+/// Reads one page may take to find enough events a filter keeps.
+pub const MAX_SCANS: usize = 50;
+
+/// Events per stream read at a time when many streams are merged (Cluster):
+/// keeps one read of every slot's stream bounded.
+pub const SWEEP_COUNT: usize = 8;
+
+/// Merging streams of several Cluster nodes, events are taken only up to
+/// the lowest of the primaries' clocks (read just before the streams) less
+/// this margin: an event appended later gets a later id from its node's
+/// clock, so none is skipped unless a node's clock steps back (or a
+/// failover promotes a replica whose clock lags) by more than this.
+pub const SETTLE_MS: u64 = 500;
 
 /// One lifecycle event, as delivered (JSON, SSE, webhooks).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -98,14 +110,25 @@ pub struct Event {
     pub cutoff: Option<i64>,
 }
 
-/// A position in every stream: the last entry id consumed in each.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cursor(pub [(u64, u64); STREAMS]);
+/// A position in the merged event sequence. Events are ordered by (time
+/// ms, stream index, sequence); a cursor means "everything up to and
+/// including this position has been consumed". An event's id is its own
+/// position: `<stream>-<ms>-<seq>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    pub ms: u64,
+    pub stream: u32,
+    pub seq: u64,
+}
 
 impl Cursor {
     /// Before every retained event.
     pub fn start() -> Cursor {
-        Cursor([(0, 0); STREAMS])
+        Cursor {
+            ms: 0,
+            stream: 0,
+            seq: 0,
+        }
     }
 
     /// Just before the first event at or after `ms`.
@@ -113,29 +136,61 @@ impl Cursor {
         if ms <= 0 {
             return Cursor::start();
         }
-        Cursor([(ms as u64 - 1, u64::MAX); STREAMS])
+        Cursor::after_ms(ms as u64 - 1)
     }
 
-    /// `1.<ms>-<seq>.<ms>-<seq>…`, one position per stream.
+    /// After every event of millisecond `ms` and before.
+    pub fn after_ms(ms: u64) -> Cursor {
+        Cursor {
+            ms,
+            stream: u32::MAX,
+            seq: u64::MAX,
+        }
+    }
+
+    /// The position of entry `id` (`<ms>-<seq>`) of stream `stream`.
+    pub fn of_entry(stream: usize, id: &str) -> Option<Cursor> {
+        let (ms, seq) = parse_id(id)?;
+        Some(Cursor {
+            ms,
+            stream: u32::try_from(stream).ok()?,
+            seq,
+        })
+    }
+
+    /// `<stream>-<ms>-<seq>` (an event's id); a millisecond boundary as the
+    /// Unix milliseconds it is before (`since` form); the start as `0`.
     pub fn encode(&self) -> String {
-        let mut out = String::from("1");
-        for (ms, seq) in &self.0 {
-            out.push('.');
-            out.push_str(&format!("{ms}-{seq}"));
+        if *self == Cursor::start() {
+            "0".to_string()
+        } else if self.stream == u32::MAX && self.seq == u64::MAX {
+            (self.ms + 1).to_string()
+        } else {
+            format!("{}-{}-{}", self.stream, self.ms, self.seq)
         }
-        out
     }
 
+    /// An event id, or Unix milliseconds (events at or after it).
     pub fn parse(text: &str) -> Option<Cursor> {
-        let mut parts = text.split('.');
-        if parts.next()? != "1" {
-            return None;
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+            return Some(Cursor::since_ms(text.parse::<i64>().ok()?));
         }
-        let mut out = [(0, 0); STREAMS];
-        for slot in out.iter_mut() {
-            *slot = parse_id(parts.next()?)?;
+        let (stream, id) = text.split_once('-')?;
+        let stream = stream.parse::<u32>().ok()?;
+        let (ms, seq) = parse_id(id)?;
+        Some(Cursor { ms, stream, seq })
+    }
+
+    /// The first entry id of stream `index` after this position
+    /// (`XRANGE`'s inclusive start).
+    fn start_in(&self, index: u32) -> (u64, u64) {
+        use std::cmp::Ordering::*;
+        match index.cmp(&self.stream) {
+            Less => (self.ms.saturating_add(1), 0),
+            Equal if self.seq == u64::MAX => (self.ms.saturating_add(1), 0),
+            Equal => (self.ms, self.seq + 1),
+            Greater => (self.ms, 0),
         }
-        parts.next().is_none().then_some(Cursor(out))
     }
 }
 
@@ -143,15 +198,6 @@ impl Cursor {
 pub fn parse_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
-}
-
-/// The stream label of a cursor position.
-pub fn label(index: usize) -> &'static str {
-    if index < EVENT_SHARDS {
-        shard_label(index)
-    } else {
-        GLOBAL_LABEL
-    }
 }
 
 /// What to keep of the events read.
@@ -223,65 +269,124 @@ impl Store {
             .await
     }
 
-    /// The stream of a cursor position.
-    pub fn stream_at(&self, index: usize) -> String {
-        if index < EVENT_SHARDS {
-            self.keys.shard_stream(index)
-        } else {
-            self.keys.global_stream().to_string()
-        }
-    }
-
     /// Up to `limit` events after `cursor` that `filter` keeps, oldest
-    /// first (by time across streams), and the cursor after them. With a
-    /// user filter only that user's shard is read. Events the filter drops
-    /// are consumed too, so paging on never sees them again.
+    /// first, and the cursor after them. Events the filter drops are
+    /// consumed too, so paging on never sees them again. A page is short
+    /// only when there is nothing more to read now, or after
+    /// [`MAX_SCANS`] reads found too few events the filter keeps.
     pub async fn read_events(
         &self,
         cursor: &Cursor,
         filter: &Filter,
         limit: usize,
     ) -> Result<(Vec<Event>, Cursor), StoreError> {
-        let indices: Vec<usize> = match &filter.user_id {
-            Some(user) => vec![shard_of(
-                crate::domain::UserId::parse(user)
-                    .map(|u| u.tag().as_str().to_string())
-                    .unwrap_or_default()
-                    .as_str(),
-            )],
-            None => (0..STREAMS).collect(),
-        };
-        let reads = indices.iter().map(|&i| {
-            let (ms, seq) = cursor.0[i];
-            let mut cmd = redis::cmd("XRANGE");
-            cmd.arg(self.stream_at(i))
-                .arg(format!("({ms}-{seq}"))
-                .arg("+")
-                .arg("COUNT")
-                .arg(limit);
-            async move { self.command(cmd).await.and_then(entries) }
-        });
-        let replies = futures_util::future::join_all(reads).await;
-        let mut all = Vec::new();
-        for (&i, reply) in indices.iter().zip(replies) {
-            for (id, fields) in reply? {
-                let Some(pos) = parse_id(&id) else { continue };
-                all.push((pos, i, to_event(label(i), &id, &fields)));
-            }
-        }
-        all.sort_by_key(|(pos, i, _)| (*pos, *i));
-        let mut next = cursor.clone();
         let mut out = Vec::new();
-        for (pos, i, event) in all {
-            if out.len() >= limit {
+        let mut at = *cursor;
+        for _ in 0..MAX_SCANS {
+            let (batch, next, more) = self
+                .read_batch(&at, filter.user_id.as_deref(), limit)
+                .await?;
+            for (pos, event) in batch {
+                if out.len() >= limit {
+                    return Ok((out, at));
+                }
+                at = at.max(pos);
+                if filter.keeps(&event) {
+                    out.push(event);
+                }
+            }
+            at = at.max(next);
+            if !more || out.len() >= limit {
                 break;
             }
-            next.0[i] = pos;
-            if filter.keeps(&event) {
-                out.push(event);
+        }
+        Ok((out, at))
+    }
+
+    /// One read: the events after `cursor` (of one user's stream, or of
+    /// every stream), oldest first, the cursor after all of them, and
+    /// whether a stream had more than was read.
+    ///
+    /// One stream (a single Redis, Sentinel, or a user filter: only that
+    /// user's stream) is read as it is. A Cluster's streams are merged: every
+    /// slot's stream is read (up to [`SWEEP_COUNT`] entries each), and only
+    /// events up to the lowest primary clock less [`SETTLE_MS`], and up to
+    /// the last entry read of any stream that had more, are taken; the rest
+    /// come on a later read. That costs one `XRANGE` per slot per read.
+    async fn read_batch(
+        &self,
+        cursor: &Cursor,
+        user: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(Cursor, Event)>, Cursor, bool), StoreError> {
+        let keys = &self.keys;
+        let indices: Vec<usize> = match user {
+            Some(user) => match crate::domain::UserId::parse(user) {
+                Ok(u) => vec![keys.user_stream_index(u.tag().as_str())],
+                Err(_) => return Ok((Vec::new(), *cursor, false)),
+            },
+            None => (0..keys.stream_count()).collect(),
+        };
+        let merged = indices.len() > 1;
+        // Read the clocks before the streams: anything appended after this
+        // has a later id.
+        let mut bound = if merged {
+            let low = self.lowest_primary_time_ms().await?;
+            Some(Cursor::after_ms(low.saturating_sub(SETTLE_MS)))
+        } else {
+            None
+        };
+        let per_stream = if merged {
+            limit.min(SWEEP_COUNT)
+        } else {
+            limit
+        };
+        let cmds: Vec<(usize, redis::Cmd)> = indices
+            .iter()
+            .map(|&i| {
+                let (ms, seq) = cursor.start_in(i as u32);
+                let mut cmd = redis::cmd("XRANGE");
+                cmd.arg(keys.stream(i))
+                    .arg(format!("{ms}-{seq}"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(per_stream);
+                (i, cmd)
+            })
+            .collect();
+        let mut replies: Vec<(usize, Result<Vec<Entry>, StoreError>)> =
+            futures_util::stream::iter(cmds)
+                .map(|(i, cmd)| async move { (i, self.command(cmd).await.and_then(entries)) })
+                .buffer_unordered(256)
+                .collect()
+                .await;
+        replies.sort_by_key(|(i, _)| *i);
+        let mut all = Vec::new();
+        let mut more = false;
+        for (i, reply) in replies {
+            let found = reply?;
+            let full = found.len() >= per_stream;
+            let mut last = None;
+            for (id, fields) in found {
+                let Some(pos) = Cursor::of_entry(i, &id) else {
+                    continue;
+                };
+                last = Some(pos);
+                all.push((pos, to_event(pos, &fields)));
+            }
+            if full && let Some(last) = last {
+                more = true;
+                bound = Some(bound.map_or(last, |b| b.min(last)));
             }
         }
-        Ok((out, next))
+        if let Some(b) = bound {
+            all.retain(|(pos, _)| *pos <= b);
+        }
+        all.sort_by_key(|(pos, _)| *pos);
+        // Everything up to the bound (or the last entry) is read now.
+        let last = all.last().map(|(pos, _)| *pos);
+        let next = bound.or(last).map_or(*cursor, |n| n.max(*cursor));
+        Ok((all, next, more))
     }
 
     /// The tombstone of a session, if one is kept.
@@ -309,16 +414,18 @@ impl Store {
             user_id: get("user_id"),
             device_id: get("device_id"),
             exp: get("exp").parse().unwrap_or(0),
-            event_id: {
-                let shard = shard_label(shard_of(session.tag_str()));
-                format!("{shard}-{}", get("event"))
-            },
+            event_id: Cursor::of_entry(
+                self.keys.user_stream_index(session.tag_str()),
+                &get("event"),
+            )
+            .map(|c| c.encode())
+            .unwrap_or_default(),
         }))
     }
 }
 
 /// An event from a stream entry.
-pub(crate) fn to_event(label: &str, id: &str, fields: &[(String, String)]) -> Event {
+pub(crate) fn to_event(pos: Cursor, fields: &[(String, String)]) -> Event {
     let get = |k: &str| {
         fields
             .iter()
@@ -326,13 +433,12 @@ pub(crate) fn to_event(label: &str, id: &str, fields: &[(String, String)]) -> Ev
             .map(|(_, v)| v.as_str())
             .filter(|v| !v.is_empty())
     };
-    let time = parse_id(id).map(|(ms, _)| ms as i64).unwrap_or(0);
     Event {
-        id: format!("{label}-{id}"),
+        id: pos.encode(),
         version: get("v")
             .and_then(|v| v.parse().ok())
             .unwrap_or(SCHEMA_VERSION),
-        time,
+        time: pos.ms as i64,
         kind: get("type").unwrap_or_default().to_string(),
         reason: get("reason").map(str::to_string),
         actor: get("actor").unwrap_or_default().to_string(),
@@ -411,20 +517,46 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_refuse_garbage() {
-        let mut c = Cursor::start();
-        c.0[3] = (1764684000123, 7);
-        c.0[STREAMS - 1] = (5, 0);
-        assert_eq!(Cursor::parse(&c.encode()), Some(c.clone()));
-        assert_eq!(
-            Cursor::parse(&Cursor::since_ms(10).encode()),
-            Some(Cursor::since_ms(10))
-        );
-        assert_eq!(Cursor::parse(""), None);
-        assert_eq!(Cursor::parse("2.0-0"), None);
-        let short = c.encode().rsplit_once('.').unwrap().0.to_string();
-        assert_eq!(Cursor::parse(&short), None);
-        assert_eq!(Cursor::parse(&format!("{}.0-0", c.encode())), None);
-        assert_eq!(Cursor::parse(&c.encode().replace("-7", "-x")), None);
+        let c = Cursor {
+            ms: 1764684000123,
+            stream: 3,
+            seq: 7,
+        };
+        assert_eq!(c.encode(), "3-1764684000123-7");
+        assert_eq!(Cursor::parse(&c.encode()), Some(c));
+        assert_eq!(Cursor::parse("10"), Some(Cursor::since_ms(10)));
+        assert_eq!(Cursor::since_ms(10).encode(), "10");
+        assert_eq!(Cursor::parse("0"), Some(Cursor::start()));
+        assert_eq!(Cursor::start().encode(), "0");
+        for bad in [
+            "",
+            "1.0-0",
+            "5-0",
+            "x-1-2",
+            "1-2-x",
+            "-1-2",
+            "1-2-3-4",
+            "99999999999-1-1",
+        ] {
+            assert_eq!(Cursor::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn positions_order_by_time_then_stream_then_sequence() {
+        let at = |ms, stream, seq| Cursor { ms, stream, seq };
+        let c = at(100, 5, 2);
+        // The first entry of each stream still to read after `c`.
+        assert_eq!(c.start_in(4), (101, 0));
+        assert_eq!(c.start_in(5), (100, 3));
+        assert_eq!(c.start_in(6), (100, 0));
+        assert_eq!(Cursor::after_ms(100).start_in(0), (101, 0));
+        assert_eq!(Cursor::after_ms(100).start_in(u32::MAX), (101, 0));
+        assert_eq!(Cursor::start().start_in(0), (0, 1));
+        assert!(at(100, 9, 0) < at(101, 0, 0));
+        assert!(at(100, 4, 9) < at(100, 5, 0));
+        assert!(at(100, 5, 9) < Cursor::after_ms(100));
+        assert!(Cursor::since_ms(101) == Cursor::after_ms(100));
     }
 
     #[test]
@@ -436,8 +568,7 @@ mod tests {
                 .collect()
         };
         let e = to_event(
-            "7",
-            "1764684000123-2",
+            Cursor::of_entry(7, "1764684000123-2").unwrap(),
             &f(&[
                 ("v", "1"),
                 ("type", "session.revoked"),
@@ -450,12 +581,12 @@ mod tests {
             ]),
         );
         assert_eq!(e.id, "7-1764684000123-2");
+        assert_eq!(Cursor::parse(&e.id), Cursor::of_entry(7, "1764684000123-2"));
         assert_eq!(e.time, 1764684000123);
         assert_eq!(e.reason.as_deref(), Some("logout"));
         assert_eq!(e.exp, Some(1764690000));
         let g = to_event(
-            "g",
-            "5-0",
+            Cursor::of_entry(16384, "5-0").unwrap(),
             &f(&[
                 ("type", "keys.rotated"),
                 ("reason", ""),

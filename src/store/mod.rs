@@ -337,8 +337,13 @@ impl Store {
         keys: KeySchema,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
+        let keys = match topology {
+            Topology::Cluster { .. } => keys.with_layout(keys::StreamLayout::PerSlot),
+            _ => keys,
+        };
         Ok(Store {
             conn: ConnectionLayer::new(topology, timeout, pool_size, metrics.clone())?,
+
             min_replicas_ack: 0,
             wait_ms: (timeout.as_millis() as u64 * 2 / 5).max(1),
             clock: std::time::Instant::now(),
@@ -929,7 +934,7 @@ impl Store {
         let mut cmd = evalsha_ev(
             &self.scripts.global,
             self.keys.global(),
-            self.keys.global_stream(),
+            &self.keys.global_stream(),
         );
         match op {
             GlobalOp::Init { kid } => cmd.arg("init").arg(kid).arg(0),
@@ -1056,8 +1061,11 @@ impl Store {
         }
     }
 
-    async fn purge_on_cluster(&self, target: Liveness) -> Result<u64, StoreError> {
-        let mut conn = self.conn.cluster_bulk().await?;
+    /// The Cluster's primaries now (`CLUSTER NODES` of a random node).
+    async fn primaries(
+        &self,
+        conn: &mut ClusterConnection,
+    ) -> Result<Vec<(String, u16)>, StoreError> {
         let nodes = self
             .conn
             .bounded(async {
@@ -1069,7 +1077,46 @@ impl Store {
                 .map_err(|e| StoreError::from_redis(&e))
             })
             .await?;
-        let primaries = cluster_primaries(&text(Some(nodes))?);
+        Ok(cluster_primaries(&text(Some(nodes))?))
+    }
+
+    /// The lowest clock (`TIME`, ms) of the primaries: of the one Redis, or
+    /// of every Cluster primary.
+    pub(crate) async fn lowest_primary_time_ms(&self) -> Result<u64, StoreError> {
+        let time_ms = |v: Value| -> Result<u64, StoreError> {
+            let parts: (String, String) = redis::from_redis_value(v)
+                .map_err(|e| StoreError::Protocol(format!("TIME: {e}")))?;
+            let s: u64 = parts.0.parse().unwrap_or(0);
+            let us: u64 = parts.1.parse().unwrap_or(0);
+            Ok(s * 1000 + us / 1000)
+        };
+        if !self.conn.is_cluster() {
+            return time_ms(self.command(redis::cmd("TIME")).await?);
+        }
+        let mut conn = self.conn.cluster_bulk().await?;
+        let primaries = self.primaries(&mut conn).await?;
+        if primaries.is_empty() {
+            return Err(StoreError::Protocol("no Cluster primary is up".into()));
+        }
+        let mut low = u64::MAX;
+        for (host, port) in primaries {
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            let reply = self
+                .conn
+                .bounded(async {
+                    conn.route_command(redis::cmd("TIME"), route)
+                        .await
+                        .map_err(|e| StoreError::from_redis(&e))
+                })
+                .await?;
+            low = low.min(time_ms(reply)?);
+        }
+        Ok(low)
+    }
+
+    async fn purge_on_cluster(&self, target: Liveness) -> Result<u64, StoreError> {
+        let mut conn = self.conn.cluster_bulk().await?;
+        let primaries = self.primaries(&mut conn).await?;
         let mut removed = 0;
         for (host, port) in primaries {
             let mut cursor: u64 = 0;

@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::{
-    ADMIN_KEY, ISSUER_KEY, SIGNING_SECRET, TestApp, assert_error, enc, eventually, spawn_app_with,
+    ADMIN_KEY, ISSUER_KEY, SIGNING_SECRET, TestApp, assert_error, enc, eventually, spawn_app_on,
+    spawn_app_with,
 };
 use crate::redis_server::{TestRedis, free_port, kill_with_parent};
 
@@ -21,6 +22,15 @@ const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// How many keys the app's Redis holds but for event streams and
 /// tombstones (what the other tests' key inventories count).
+/// An event stream, a tombstone or a webhook cursor (prefix `sg:`).
+pub(crate) fn is_event_key(k: &str) -> bool {
+    k == "sg:ev"
+        || k.starts_with("sg:ev{")
+        || k.starts_with("sg:t{")
+        || k.starts_with("sg:hook:")
+        || k == "{sg:global}:ev"
+}
+
 pub(crate) fn non_event_keys(app: &TestApp) -> usize {
     let reply = app.redis_cmd(&["SCAN", "0", "MATCH", "*", "COUNT", "100000"]);
     let lines: Vec<&str> = reply.split("\r\n").collect();
@@ -29,19 +39,27 @@ pub(crate) fn non_event_keys(app: &TestApp) -> usize {
         .chunks(2)
         .filter_map(|c| c.get(1).copied())
         .filter(|k| !k.is_empty())
-        .filter(|k| !(k.starts_with("sg:ev{") || k.starts_with("sg:t{") || *k == "{sg:global}:ev"))
+        .filter(|k| !is_event_key(k))
         .count()
 }
 
 /// Every event retained, oldest first, paging through `/v1/admin/events`.
 pub(crate) async fn all_events(app: &TestApp, query: &str) -> Vec<Value> {
+    events_paged(app, query, 7).await
+}
+
+/// [`all_events`] in pages of `limit`.
+pub(crate) async fn events_paged(app: &TestApp, query: &str, limit: usize) -> Vec<Value> {
     let mut out = Vec::new();
     let mut since = String::new();
     loop {
         let res = app
             .admin(
                 Method::GET,
-                &format!("/v1/admin/events?limit=7&since={}{query}", enc(&since)),
+                &format!(
+                    "/v1/admin/events?limit={limit}&since={}{query}",
+                    enc(&since)
+                ),
             )
             .send()
             .await
@@ -561,6 +579,8 @@ enum Behaviour {
     Hang,
     /// 200 with an endless body.
     HugeBody,
+    /// 200 after 100 ms.
+    Slow,
 }
 
 /// A request as received: headers (lower-case names) and body.
@@ -600,6 +620,10 @@ impl Receiver {
                         recorded.lock().unwrap().push((headers, body));
                         let head = match behaviour {
                             Behaviour::Ok => "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_string(),
+                            Behaviour::Slow => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_string()
+                            }
                             Behaviour::Status(s) => format!("HTTP/1.1 {s} X\r\ncontent-length: 0\r\n\r\n"),
                             Behaviour::Redirect => "HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:1/\r\ncontent-length: 0\r\n\r\n".to_string(),
                             Behaviour::Hang => {
@@ -1097,4 +1121,50 @@ async fn caep_receivers_get_session_revoked_sets_verifiable_with_the_jwks() {
     assert!(jsonwebtoken::decode::<Value>(&parts.join("."), &key, &validation).is_err());
     // Only revocations are pushed: the create was not.
     assert_eq!(receiver.count(), 1);
+}
+
+/// Two instances with the same endpoint: one delivers at a time (the holder
+/// of the endpoint's lease), so in steady state every event arrives once,
+/// whichever instance made the change. The receiver is slow, so that both
+/// instances would be delivering at the same time without the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_deliver_each_event_once_in_steady_state() {
+    let receiver = Receiver::start(Behaviour::Slow).await;
+    let urls = webhook_settings(&[("r", &receiver.url)]);
+    let settings = [
+        ("WEBHOOK_URLS", urls.as_str()),
+        ("WEBHOOK_SECRET", WEBHOOK_SECRET),
+    ];
+    let a = spawn_app_with(&settings).await;
+    let b = spawn_app_on(&a.redis_url, &settings).await;
+    let mut sids = HashSet::new();
+    for i in 0..10 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        sids.insert(app.create(&format!("w{i}"), "d").await.session_id);
+    }
+    let delivered = || -> Vec<String> {
+        receiver
+            .bodies()
+            .iter()
+            .filter_map(|e| e["session_id"].as_str().map(str::to_string))
+            .collect()
+    };
+    eventually(Duration::from_secs(60), || async {
+        delivered().len() >= sids.len()
+    })
+    .await;
+    // The endpoint's cursor reaches the last event: its holder is done with
+    // every one; a second deliverer would have sent each event again.
+    let last = all_events(&a, "").await.last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(Duration::from_secs(60), || async {
+        a.redis_cmd(&["HGET", "sg:hook:webhook:r", "cursor"])
+            .contains(&last)
+    })
+    .await;
+    let got = delivered();
+    assert_eq!(got.iter().cloned().collect::<HashSet<_>>(), sids);
+    assert_eq!(got.len(), sids.len(), "each event once: {got:?}");
 }

@@ -311,9 +311,7 @@ impl Topo {
 
     /// The hash holding a session's user (from its id's 22-character tag).
     pub fn hash_of(&self, session_id: &str) -> String {
-        let tag = &session_id[..22];
-        let shard = sessiongate::store::keys::shard_label(sessiongate::store::keys::shard_of(tag));
-        format!("{}u{{{shard}}}{tag}", self.prefix)
+        format!("{}u{{{}}}", self.prefix, &session_id[..22])
     }
 
     /// The settings that point a sessiongate at this topology and prefix.
