@@ -501,12 +501,7 @@ impl Store {
                 .call(
                     |mut conn| async move {
                         match evalsha_loading(&mut conn, script, cmd).await {
-                            Err(e)
-                                if e.kind()
-                                    == redis::ErrorKind::Server(redis::ServerErrorKind::Ask) =>
-                            {
-                                follow_ask(conn, script, cmd, &e).await
-                            }
+                            Err(e) if is_redirect(&e) => follow_ask(conn, script, cmd, &e).await,
                             other => other,
                         }
                     },
@@ -699,12 +694,7 @@ impl Store {
             .call(
                 |mut conn| async move {
                     match pipe.query_async::<Vec<Value>>(&mut conn).await {
-                        Err(e)
-                            if e.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::Ask) =>
-                        {
-                            ask_pipeline(conn, pipe, replies, &e).await
-                        }
+                        Err(e) if is_redirect(&e) => ask_pipeline(conn, pipe, replies, &e).await,
                         other => other,
                     }
                 },
@@ -1370,10 +1360,24 @@ async fn follow_ask(
     Err(ask.clone())
 }
 
+/// An `ASK` or `MOVED` the cluster client gave up on.
+fn is_redirect(e: &redis::RedisError) -> bool {
+    matches!(
+        e.kind(),
+        redis::ErrorKind::Server(redis::ServerErrorKind::Ask | redis::ServerErrorKind::Moved)
+    )
+}
+
 /// Sends `ASKING` and `pipe`'s commands as ONE pipeline to the node an
 /// `ASK` redirection names (Cluster mode), and returns the `replies`
 /// replies after `ASKING`'s; a command's error fails the call. See
 /// [`follow_ask`] for why redis-rs's own redirection is not enough.
+///
+/// A `MOVED` that reached us (redis-rs spent its retries: during a
+/// reshard's last step a request can bounce between a source that has
+/// handed the slot over and nodes that do not know yet) gets the same one
+/// more try, without `ASKING`, at the node it names, which has just said it
+/// owns the slot.
 async fn ask_pipeline(
     conn: conn::Connection,
     pipe: &redis::Pipeline,
@@ -1392,13 +1396,16 @@ async fn ask_pipeline(
         host: host.to_string(),
         port,
     };
-    let mut asking = redis::pipe();
-    asking.cmd("ASKING");
+    let ask = ask.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Ask);
+    let mut redirected = redis::pipe();
+    if ask {
+        redirected.cmd("ASKING");
+    }
     for cmd in pipe.cmd_iter() {
-        asking.add_command(cmd.clone());
+        redirected.add_command(cmd.clone());
     }
     cluster
-        .route_pipeline(asking, 1, replies, route)
+        .route_pipeline(redirected, usize::from(ask), replies, route)
         .await?
         .into_iter()
         .map(Value::extract_error)

@@ -441,7 +441,18 @@ async fn a_slot_resharded_under_load_gives_no_wrong_answer_and_no_5xx() {
         assert_eq!(app.verify_status(&again.token).await, StatusCode::OK);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for node in cluster.primaries() {
+    // The new owner first, then the old one, then the rest, as redis-cli
+    // does: the other way round, the source would answer MOVED to a target
+    // still importing, which answers MOVED back until it learns (a request
+    // can spend its retries ping-ponging; seen under load).
+    let mut order = vec![target, source];
+    order.extend(
+        cluster
+            .primaries()
+            .into_iter()
+            .filter(|n| n.port() != source.port() && n.port() != target.port()),
+    );
+    for node in order {
         assert_eq!(
             node.cmd(&["CLUSTER", "SETSLOT", &slot_s, "NODE", &target_id]),
             ok
