@@ -97,28 +97,10 @@ fn user_key(user: &str) -> String {
     )
 }
 
-/// A Redis Cluster key's slot: CRC16 (XMODEM) of its hash tag, mod 16384.
-fn slot_of(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let tagged = key
-        .find('{')
-        .and_then(|open| {
-            let close = key[open + 1..].find('}')? + open + 1;
-            (close > open + 1).then(|| &bytes[open + 1..close])
-        })
-        .unwrap_or(bytes);
-    let mut crc: u16 = 0;
-    for &b in tagged {
-        crc ^= (b as u16) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16384
+/// A Redis Cluster key's slot (the service's own computation, checked
+/// against `CLUSTER KEYSLOT` where it is used).
+fn slot_of(key: &str) -> usize {
+    sessiongate::store::keys::slot_of_key(key.as_bytes())
 }
 
 /// The node id of a cluster node (`CLUSTER MYID`).

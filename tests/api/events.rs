@@ -658,6 +658,14 @@ impl Receiver {
             .collect()
     }
 
+    /// The `session_id` of every event received, in order (repeats kept).
+    fn session_ids(&self) -> Vec<String> {
+        self.bodies()
+            .iter()
+            .filter_map(|e| e["session_id"].as_str().map(str::to_string))
+            .collect()
+    }
+
     fn count(&self) -> usize {
         self.got.lock().unwrap().len()
     }
@@ -1027,13 +1035,7 @@ async fn no_event_is_lost_across_a_kill_9_right_after_an_acknowledgement() {
     for i in 5..10 {
         sids.push(create_on(&client, port, &format!("k{i}")).await);
     }
-    let delivered = || -> HashSet<String> {
-        receiver
-            .bodies()
-            .iter()
-            .filter_map(|e| e["session_id"].as_str().map(str::to_string))
-            .collect()
-    };
+    let delivered = || -> HashSet<String> { receiver.session_ids().into_iter().collect() };
     eventually(Duration::from_secs(60), || async {
         delivered().len() >= 10
     })
@@ -1142,13 +1144,7 @@ async fn two_instances_deliver_each_event_once_in_steady_state() {
         let app = if i % 2 == 0 { &a } else { &b };
         sids.insert(app.create(&format!("w{i}"), "d").await.session_id);
     }
-    let delivered = || -> Vec<String> {
-        receiver
-            .bodies()
-            .iter()
-            .filter_map(|e| e["session_id"].as_str().map(str::to_string))
-            .collect()
-    };
+    let delivered = || receiver.session_ids();
     eventually(Duration::from_secs(60), || async {
         delivered().len() >= sids.len()
     })
