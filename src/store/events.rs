@@ -374,9 +374,15 @@ impl Store {
                 last = Some(pos);
                 all.push((pos, to_event(pos, &fields)));
             }
-            if full && let Some(last) = last {
+            // A stream cut by the count below the bound lowers it (its
+            // later entries are unknown); one cut beyond it had every entry
+            // up to the bound read already.
+            if full
+                && let Some(last) = last
+                && bound.is_none_or(|b| last < b)
+            {
                 more = true;
-                bound = Some(bound.map_or(last, |b| b.min(last)));
+                bound = Some(last);
             }
         }
         if let Some(b) = bound {
