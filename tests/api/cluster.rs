@@ -396,6 +396,23 @@ async fn a_slot_resharded_under_load_gives_no_wrong_answer_and_no_5xx() {
     // source.
     let before = app.create(&users[0], "extra").await;
     assert_eq!(app.verify_status(&before.token).await, StatusCode::OK);
+    // Changes that end sessions then: a logout, and a login replacing the
+    // one just made (same device). Each writes a tombstone key, which this
+    // node may not create in a slot it is giving away: the change and its
+    // event must stand anyway (once, a script aborted half-way: the record
+    // deleted, no answer but an error, the create's event missing).
+    let migrating_logout = app.create(&users[1], "doomed-while-migrating").await;
+    acked.push(migrating_logout.token.clone());
+    assert_eq!(
+        app.logout(&migrating_logout.token).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let replacing = app.create(&users[0], "extra").await;
+    assert_eq!(
+        app.verify_status(&before.token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(app.verify_status(&replacing.token).await, StatusCode::OK);
     let reply = source.cmd(&["CLUSTER", "GETKEYSINSLOT", &slot_s, "1000"]);
     let keys: Vec<&str> = reply
         .split("\r\n")
@@ -471,6 +488,32 @@ async fn a_slot_resharded_under_load_gives_no_wrong_answer_and_no_5xx() {
         source.cmd(&["CLUSTER", "COUNTKEYSINSLOT", &slot_s]),
         ":0\r\n"
     );
+    // Every change made during the move has its event, once (a merged read
+    // stops 500 ms short of the lowest primary clock: wait for it).
+    let expected = [
+        ("session.created", &migrating_logout.session_id),
+        ("session.revoked", &migrating_logout.session_id),
+        ("session.created", &replacing.session_id),
+        ("session.revoked", &before.session_id),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = crate::events::events_paged(&app, "", 100).await;
+        let count = |kind: &str, sid: &str| {
+            events
+                .iter()
+                .filter(|e| e["type"] == kind && e["session_id"] == sid)
+                .count()
+        };
+        let counts: Vec<usize> = expected.iter().map(|(k, s)| count(k, s)).collect();
+        if counts.iter().all(|&c| c > 0) || Instant::now() > deadline {
+            for ((kind, sid), c) in expected.iter().zip(counts) {
+                assert_eq!(c, 1, "{kind} of {sid} in {events:?}");
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Lifecycle events in a Cluster: each change's script writes its event to

@@ -95,9 +95,17 @@ local function emit(kind, reason, actor, uid, field, device, exp_ms, extra)
   end
   local id = redis.call(unpack(args))
   if kind == 'session.revoked' and c.t ~= '' then
+    -- The tombstone is a key the script did not declare (its name comes
+    -- from records read here). In a Cluster slot being migrated away, this
+    -- node refuses to create a key (it would have to live on the target),
+    -- and the script has already written: the change and its event stand,
+    -- and only this session's tombstone is not kept (pcall, never an abort
+    -- half-way through).
     local tomb = c.t .. sid
-    redis.call('HSET', tomb, 'ended_at', string.match(id, '^%d+'), 'reason', reason,
+    local ok = redis.pcall('HSET', tomb, 'ended_at', string.match(id, '^%d+'), 'reason', reason,
       'actor', actor or c.a, 'user_id', uid, 'device_id', device, 'exp', exp, 'event', id)
-    redis.call('PEXPIRE', tomb, c.r)
+    if type(ok) ~= 'table' or not ok.err then
+      redis.call('PEXPIRE', tomb, c.r)
+    end
   end
 end
