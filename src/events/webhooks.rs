@@ -58,13 +58,19 @@ const POLL_MERGED: Duration = Duration::from_secs(1);
 
 /// How long a lease lasts unless renewed: three attempts' time, at least
 /// 3 s, so a live holder always renews it in time (it renews before and
-/// after every attempt, and every [`POLL`] when idle).
+/// after every attempt, and every [`POLL`] when idle). Never capped: one
+/// attempt may take `webhook_timeout`, and a lease shorter than that would
+/// let a second instance deliver beside a holder still waiting on an
+/// answer (a crashed holder's endpoint waits that much longer instead).
 pub fn lease(webhook_timeout: Duration) -> Duration {
-    (webhook_timeout * 3).clamp(Duration::from_secs(3), Duration::from_secs(120))
+    (webhook_timeout * 3).max(Duration::from_secs(3))
 }
 
 /// Takes or renews the lease (`KEYS[1]` the endpoint's hash, `ARGV[1]` this
-/// instance, `ARGV[2]` the lease ms): 1 when this instance holds it now.
+/// instance, `ARGV[2]` the lease ms): 1 when this instance held it and
+/// renewed it, 2 when it has just taken it (from nobody, or from another
+/// holder whose lease ran out: the saved cursor may have moved meanwhile),
+/// 0 when another instance holds it.
 const LEASE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -72,21 +78,32 @@ local owner = redis.call('HGET', KEYS[1], 'owner')
 local until_ms = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
 if owner == ARGV[1] or until_ms < now then
   redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'until', now + tonumber(ARGV[2]))
-  return 1
+  -- Still ours (even past its time: nobody took it meanwhile, or the
+  -- owner would be another).
+  if owner == ARGV[1] then
+    return 1
+  end
+  return 2
 end
 return 0
 "#;
 
-/// Saves the cursor (`ARGV[3]`) and renews the lease (`ARGV[2]` ms) if
-/// this instance (`ARGV[1]`) holds it: 1 when saved.
+/// Saves the cursor (`ARGV[3]`, its sort key `ARGV[4]`) and renews the
+/// lease (`ARGV[2]` ms) if this instance (`ARGV[1]`) holds it and the
+/// cursor does not go back (a holder that lost the lease and took it again
+/// may be behind what another delivered meanwhile): 1 when saved.
 const SAVE_LUA: &str = r#"
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('HSET', KEYS[1], 'cursor', ARGV[3], 'until', now + tonumber(ARGV[2]))
-  return 1
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
+  return 0
 end
-return 0
+local saved = redis.call('HGET', KEYS[1], 'order')
+if saved and ARGV[4] < saved then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'cursor', ARGV[3], 'order', ARGV[4], 'until', now + tonumber(ARGV[2]))
+return 1
 "#;
 /// Dead letters kept (about).
 const DEAD_MAX_LEN: u64 = 10_000;
@@ -187,6 +204,17 @@ pub fn caep_claims(event: &Event, issuer: &str, audience: &str, now_s: i64) -> s
     })
 }
 
+/// What [`Endpoint::hold`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    /// This instance held the lease and renewed it.
+    Renewed,
+    /// This instance has just taken it: read the saved cursor again.
+    Taken,
+    /// Another instance holds it.
+    Other,
+}
+
 /// One endpoint's dispatcher.
 struct Endpoint {
     name: String,
@@ -285,15 +313,19 @@ impl Endpoint {
         self.store.command(cmd).await
     }
 
-    /// Takes or renews the lease: true when this instance holds it.
-    async fn hold(&self) -> Result<bool, StoreError> {
+    /// Takes or renews the lease.
+    async fn hold(&self) -> Result<Lease, StoreError> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(LEASE_LUA)
             .arg(1)
             .arg(&self.key)
             .arg(&self.owner)
             .arg(self.lease.as_millis() as u64);
-        Ok(matches!(self.cmd(cmd).await?, Value::Int(1)))
+        Ok(match self.cmd(cmd).await? {
+            Value::Int(1) => Lease::Renewed,
+            Value::Int(2) => Lease::Taken,
+            _ => Lease::Other,
+        })
     }
 
     /// The saved cursor; a new endpoint starts before every retained event.
@@ -317,16 +349,18 @@ impl Endpoint {
             .arg(&self.key)
             .arg(&self.owner)
             .arg(self.lease.as_millis() as u64)
-            .arg(cursor.encode());
+            .arg(cursor.encode())
+            .arg(cursor.order_key());
         Ok(matches!(self.cmd(cmd).await?, Value::Int(1)))
     }
 
-    /// Waits `d`, renewing the lease every third of it: false when another
-    /// instance took it meanwhile.
+    /// Waits `d`, renewing the lease every third of it: false when it was
+    /// lost meanwhile (even if taken back since: the cursor must be read
+    /// again).
     async fn wait_holding(&self, d: Duration) -> Result<bool, StoreError> {
         let deadline = Instant::now() + d;
         loop {
-            if !self.hold().await? {
+            if self.hold().await? != Lease::Renewed {
                 return Ok(false);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -364,7 +398,7 @@ impl Endpoint {
     /// saved cursor, saving it as it goes. Returns when not the holder (any
     /// more) or caught up.
     async fn serve(&self) -> Result<(), StoreError> {
-        if !self.hold().await? {
+        if self.hold().await? == Lease::Other {
             return Ok(());
         }
         let mut cursor = self.saved_cursor().await?;
@@ -398,7 +432,8 @@ impl Endpoint {
                 return Ok(());
             }
             cursor = cursor.max(next);
-            if !self.hold().await? {
+            // Lost and taken back: start again from the saved cursor.
+            if self.hold().await? != Lease::Renewed {
                 return Ok(());
             }
         }

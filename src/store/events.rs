@@ -160,6 +160,12 @@ impl Cursor {
 
     /// `<stream>-<ms>-<seq>` (an event's id); a millisecond boundary as the
     /// Unix milliseconds it is before (`since` form); the start as `0`.
+    /// A string that sorts as the cursor does (fixed-width decimals), for
+    /// comparing cursors inside Redis (the webhook cursor's save).
+    pub fn order_key(&self) -> String {
+        format!("{:020}{:010}{:020}", self.ms, self.stream, self.seq)
+    }
+
     pub fn encode(&self) -> String {
         if *self == Cursor::start() {
             "0".to_string()
@@ -546,6 +552,28 @@ mod tests {
         ] {
             assert_eq!(Cursor::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn order_keys_sort_as_cursors_do() {
+        let at = |ms, stream, seq| Cursor { ms, stream, seq };
+        let mut cursors = vec![
+            Cursor::start(),
+            at(9, 0, 0),
+            Cursor::since_ms(10),
+            at(10, 0, 0),
+            at(10, 0, 9),
+            at(10, 0, 10),
+            at(10, 2, 0),
+            at(10, 10, 0),
+            at(1764684000123, 16384, 7),
+            at(u64::MAX, u32::MAX, u64::MAX),
+        ];
+        let sorted = cursors.clone();
+        cursors.reverse();
+        cursors.sort_by_key(Cursor::order_key);
+        assert_eq!(cursors, sorted);
+        assert!(cursors.iter().all(|c| c.order_key().len() == 50));
     }
 
     #[test]
