@@ -298,9 +298,8 @@ impl SessionService {
         if self.lock_foreign().contains(&kid) {
             return Err(unknown);
         }
-        self.global
-            .refresh_for_kid(&self.store, &kid, since)
-            .await?;
+        // Boxed: a rare path, kept out of every verify's future.
+        Box::pin(self.global.refresh_for_kid(&self.store, &kid, since)).await?;
         let state = self.global.snapshot()?;
         match self.codec.verify(&state.ring, token, now_ms()) {
             Ok(verified) => Ok((verified, state)),

@@ -599,9 +599,9 @@ impl Store {
             Verdict::OtherDevice => return Ok(None),
             Verdict::Dead => {
                 let none = Seen::default();
-                let _ = self
-                    .touch(&key, session, device, live, -1, &none, started)
-                    .await;
+                // Boxed, as below: the rare write keeps its state out of
+                // every verify's future (allocated and moved per request).
+                let _ = Box::pin(self.touch(&key, session, device, live, -1, &none, started)).await;
                 return Ok(None);
             }
             Verdict::Alive {
@@ -616,9 +616,10 @@ impl Store {
                 }
                 if touch_due {
                     let from = seen_from.map(|f| f()).unwrap_or_default();
-                    match self
-                        .touch(&key, session, device, live, touch_ms, &from, started)
-                        .await
+                    match Box::pin(
+                        self.touch(&key, session, device, live, touch_ms, &from, started),
+                    )
+                    .await
                     {
                         // Deleted meanwhile (a logout won the race): refused.
                         Ok(None) => return Ok(None),
