@@ -305,7 +305,10 @@ impl ConnectionLayer {
             primary: std::sync::Mutex::new(None),
             event_urls,
             next_event_url: AtomicU64::new(0),
-            connection_config: config,
+            // The request path's connections: every call on them is bounded
+            // by `call`'s own timeout, so redis-rs's per-request timer (a
+            // second one, 500 ms unless set) is off there.
+            connection_config: config.set_response_timeout(None),
             reconnecting: tokio::sync::Mutex::new(()),
             clock: std::time::Instant::now(),
             next_connect_ms: AtomicU64::new(0),
