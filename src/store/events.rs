@@ -158,14 +158,14 @@ impl Cursor {
         })
     }
 
-    /// `<stream>-<ms>-<seq>` (an event's id); a millisecond boundary as the
-    /// Unix milliseconds it is before (`since` form); the start as `0`.
     /// A string that sorts as the cursor does (fixed-width decimals), for
     /// comparing cursors inside Redis (the webhook cursor's save).
     pub fn order_key(&self) -> String {
         format!("{:020}{:010}{:020}", self.ms, self.stream, self.seq)
     }
 
+    /// `<stream>-<ms>-<seq>` (an event's id); a millisecond boundary as the
+    /// Unix milliseconds it is before (`since` form); the start as `0`.
     pub fn encode(&self) -> String {
         if *self == Cursor::start() {
             "0".to_string()
