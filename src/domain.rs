@@ -18,6 +18,8 @@ pub const MAX_METADATA_ENTRIES: usize = 16;
 pub const MAX_METADATA_BYTES: usize = 4096;
 
 const TAG_CHARS: usize = 22;
+/// A session id's length: the user tag, then 16 random bytes in base64.
+pub const SESSION_ID_CHARS: usize = 2 * TAG_CHARS;
 
 /// Why an input was refused; the text is safe to show to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -563,19 +563,26 @@ impl Store {
         seen_from: Option<&(dyn Fn() -> Seen + Sync)>,
     ) -> Result<Option<LiveSession>, StoreError> {
         let started = std::time::Instant::now();
-        let key = self.keys.user_of(session);
         let cached = self
             .near
             .as_ref()
-            .and_then(|n| n.get(&key, session.field()));
+            .and_then(|n| n.get(session.as_str(), started));
         let from_redis = cached.is_none();
-        let ticket = self.near.as_ref().map(|n| n.ticket());
+        // Taken before the read is sent (`started` is earlier still).
+        let ticket = match (&self.near, from_redis) {
+            (Some(near), true) => Some(near.ticket(started)),
+            _ => None,
+        };
+        // The user hash's name: built only when Redis is asked (a hit that
+        // needs no touch never does).
+        let user_key = std::sync::OnceLock::new();
+        let key = || -> &str { user_key.get_or_init(|| self.keys.user_of(session)) };
         let read;
         let mut read_time = None;
         let blob: &[u8] = match &cached {
             Some(blob) => blob,
             None => {
-                read = match self.read_record(&key, session).await? {
+                read = match self.read_record(key(), session).await? {
                     Some(found) => found,
                     None => return Ok(None),
                 };
@@ -601,7 +608,8 @@ impl Store {
                 let none = Seen::default();
                 // Boxed, as below: the rare write keeps its state out of
                 // every verify's future (allocated and moved per request).
-                let _ = Box::pin(self.touch(&key, session, device, live, -1, &none, started)).await;
+                let _ =
+                    Box::pin(self.touch(key(), session, device, live, -1, &none, started)).await;
                 return Ok(None);
             }
             Verdict::Alive {
@@ -612,13 +620,19 @@ impl Store {
                 if let (Some(near), Some(ticket), true, false) =
                     (&self.near, ticket, from_redis, touch_due)
                 {
-                    near.put(&key, session.field(), blob, ticket);
+                    near.put(key(), session.as_str(), blob, ticket);
                 }
                 if touch_due {
                     let from = seen_from.map(|f| f()).unwrap_or_default();
-                    match Box::pin(
-                        self.touch(&key, session, device, live, touch_ms, &from, started),
-                    )
+                    match Box::pin(self.touch(
+                        key(),
+                        session,
+                        device,
+                        live,
+                        touch_ms,
+                        &from,
+                        started,
+                    ))
                     .await
                     {
                         // Deleted meanwhile (a logout won the race): refused.

@@ -36,12 +36,24 @@ use std::time::{Duration, Instant};
 /// the hot path).
 const MAX_ENTRIES: usize = 200_000;
 
-/// By user hash key: that user's cached records (usually one or two), and
-/// how many records there are in all.
-type Entries = (HashMap<Box<str>, Vec<Entry>>, usize);
+/// A session id, inline (`SessionId` is always this long): a hit compares
+/// it in the table's own slot, with no pointer to follow.
+type SessionKey = [u8; crate::domain::SESSION_ID_CHARS];
+
+fn session_key(session: &str) -> Option<SessionKey> {
+    session.as_bytes().try_into().ok()
+}
+
+/// The cached records by session id, and which sessions each user hash
+/// holds (for invalidations, which name user hashes; touched only by
+/// stores, invalidations and flushes, never by a hit).
+#[derive(Default)]
+struct Entries {
+    sessions: HashMap<SessionKey, Entry>,
+    users: HashMap<Box<str>, Vec<SessionKey>>,
+}
 
 struct Entry {
-    field: Box<str>,
     blob: std::sync::Arc<[u8]>,
     read_sent: Instant,
 }
@@ -74,7 +86,7 @@ impl NearCache {
             ttl,
             metrics,
             origin: Instant::now(),
-            entries: Mutex::new((HashMap::new(), 0)),
+            entries: Mutex::new(Entries::default()),
             generation: AtomicU64::new(0),
             healthy_until_us: AtomicU64::new(0),
             state: AtomicU64::new(0),
@@ -91,12 +103,10 @@ impl NearCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn now_us(&self) -> u64 {
-        self.origin.elapsed().as_micros() as u64
-    }
-
-    fn healthy(&self) -> bool {
-        self.now_us() < self.healthy_until_us.load(Ordering::Acquire)
+    /// Whether serving is allowed at `now`.
+    fn healthy_at(&self, now: Instant) -> bool {
+        let now_us = now.saturating_duration_since(self.origin).as_micros() as u64;
+        now_us < self.healthy_until_us.load(Ordering::Acquire)
     }
 
     /// A ping sent at `sent` on the invalidation connection was answered:
@@ -108,7 +118,9 @@ impl NearCache {
         let until = since + self.ttl;
         self.healthy_until_us
             .fetch_max(until.as_micros() as u64, Ordering::AcqRel);
-        self.metrics.near_cache_up.set(i64::from(self.healthy()));
+        self.metrics
+            .near_cache_up
+            .set(i64::from(self.healthy_at(Instant::now())));
     }
 
     /// The invalidation connection is gone or silent: serve nothing, drop
@@ -122,8 +134,8 @@ impl NearCache {
     pub fn flush(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         let mut guard = self.lock();
-        guard.0.clear();
-        guard.1 = 0;
+        guard.sessions.clear();
+        guard.users.clear();
         self.metrics.near_cache_entries.set(0);
     }
 
@@ -131,15 +143,17 @@ impl NearCache {
     pub fn invalidate<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         let mut guard = self.lock();
-        let (map, count) = &mut *guard;
+        let Entries { sessions, users } = &mut *guard;
         for key in keys {
             if let Ok(key) = std::str::from_utf8(key)
-                && let Some(gone) = map.remove(key)
+                && let Some(gone) = users.remove(key)
             {
-                *count -= gone.len();
+                for session in gone {
+                    sessions.remove(&session);
+                }
             }
         }
-        self.metrics.near_cache_entries.set(*count as i64);
+        self.metrics.near_cache_entries.set(sessions.len() as i64);
     }
 
     /// Flushes when the global state the entries were read under changed
@@ -150,58 +164,74 @@ impl NearCache {
         }
     }
 
-    /// The cached record of `field` in `key`, if it may be served.
-    pub fn get(&self, key: &str, field: &str) -> Option<std::sync::Arc<[u8]>> {
-        if !self.healthy() {
+    /// The cached record of `session`, if it may be served at `now`: the
+    /// caller's time, taken in the same synchronous stretch just before
+    /// (no await in between), so it lags the real time by microseconds.
+    pub fn get(&self, session: &str, now: Instant) -> Option<std::sync::Arc<[u8]>> {
+        if !self.healthy_at(now) {
             return None;
         }
+        let session = session_key(session)?;
         let guard = self.lock();
-        let entry = guard.0.get(key)?.iter().find(|e| &*e.field == field)?;
-        let fresh = entry.read_sent.elapsed() < self.ttl;
+        let entry = guard.sessions.get(&session)?;
+        // An entry read before `now - ttl` is too old; a read sent after
+        // `now` (a store that raced this hit) is young enough.
+        let fresh = now.saturating_duration_since(entry.read_sent) < self.ttl;
         if fresh {
             self.metrics.near_cache_hits.inc();
         }
         fresh.then(|| entry.blob.clone())
     }
 
-    /// Taken just before a read is sent.
-    pub fn ticket(&self) -> ReadTicket {
+    /// Taken before a read is sent; `sent` is a time taken no later than
+    /// the read is sent (an earlier one only shortens the entry's life).
+    pub fn ticket(&self, sent: Instant) -> ReadTicket {
         ReadTicket {
             generation: self.generation.load(Ordering::Acquire),
-            sent: Instant::now(),
+            sent,
         }
     }
 
-    /// Stores a record a verify judged alive, unless an invalidation or a
-    /// flush happened since `ticket` (the read may predate a write whose
-    /// invalidation was already applied), or serving is not allowed now.
-    pub fn put(&self, key: &str, field: &str, blob: &[u8], ticket: ReadTicket) {
-        if !self.healthy() {
+    /// Stores the record of `session` (in the user hash `key`) that a
+    /// verify judged alive, unless an invalidation or a flush happened
+    /// since `ticket` (the read may predate a write whose invalidation was
+    /// already applied), or serving is not allowed now.
+    pub fn put(&self, key: &str, session: &str, blob: &[u8], ticket: ReadTicket) {
+        let Some(session) = session_key(session) else {
+            return;
+        };
+        if !self.healthy_at(Instant::now()) {
             return;
         }
         let mut guard = self.lock();
         if self.generation.load(Ordering::Acquire) != ticket.generation {
             return;
         }
-        let (map, count) = &mut *guard;
-        let list = map.entry(Box::from(key)).or_default();
+        let Entries { sessions, users } = &mut *guard;
         let entry = Entry {
-            field: Box::from(field),
             blob: std::sync::Arc::from(blob),
             read_sent: ticket.sent,
         };
-        if let Some(old) = list.iter_mut().find(|e| &*e.field == field) {
+        if let Some(old) = sessions.get_mut(&session) {
             *old = entry;
-        } else if *count < MAX_ENTRIES {
-            list.push(entry);
-            *count += 1;
-            self.metrics.near_cache_entries.set(*count as i64);
+            return;
         }
+        if sessions.len() >= MAX_ENTRIES {
+            return;
+        }
+        sessions.insert(session, entry);
+        match users.get_mut(key) {
+            Some(list) => list.push(session),
+            None => {
+                users.insert(Box::from(key), vec![session]);
+            }
+        }
+        self.metrics.near_cache_entries.set(sessions.len() as i64);
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.lock().1
+        self.lock().sessions.len()
     }
 }
 
@@ -303,63 +333,100 @@ async fn listen(
 mod tests {
     use super::*;
 
+    /// A session id of user tag `u` (one letter, repeated) and random part `r`.
+    fn sid(u: char, r: char) -> String {
+        let tag: String = std::iter::repeat_n(u, 22).collect();
+        let random: String = std::iter::repeat_n(r, 22).collect();
+        format!("{tag}{random}")
+    }
+
     fn healthy_cache(ttl: Duration) -> NearCache {
         let c = NearCache::new(ttl, Default::default());
         c.heartbeat(Instant::now());
         c
     }
 
+    fn now() -> Instant {
+        Instant::now()
+    }
+
     #[test]
     fn serves_only_while_younger_than_the_ttl_and_healthy() {
+        let (f, g) = (sid('k', 'f'), sid('k', 'g'));
         let c = healthy_cache(Duration::from_secs(60));
-        let t = c.ticket();
-        c.put("k", "f", b"rec", t);
-        assert_eq!(c.get("k", "f").as_deref(), Some(&b"rec"[..]));
-        assert_eq!(c.get("k", "g"), None);
+        let t = c.ticket(now());
+        c.put("k", &f, b"rec", t);
+        assert_eq!(c.get(&f, now()).as_deref(), Some(&b"rec"[..]));
+        assert_eq!(c.get(&g, now()), None);
+        // Judged a TTL or more after its read was sent: not served (the
+        // cache is still healthy then: pinged after that read).
+        let c2 = NearCache::new(Duration::from_secs(60), Default::default());
+        let sent = Instant::now() - Duration::from_secs(30);
+        c2.heartbeat(Instant::now());
+        c2.put("k", &f, b"rec", c2.ticket(sent));
+        assert!(c2.get(&f, sent + Duration::from_secs(59)).is_some());
+        assert_eq!(c2.get(&f, sent + Duration::from_secs(60)), None);
         // A read sent more than a TTL ago is not served.
         let old = ReadTicket {
             generation: t.generation,
             sent: Instant::now() - Duration::from_secs(61),
         };
-        c.put("k", "f", b"rec", old);
-        assert_eq!(c.get("k", "f"), None);
+        c.put("k", &f, b"rec", old);
+        assert_eq!(c.get(&f, now()), None);
         // Not healthy (no answered ping within the TTL): nothing served or stored.
         let c = NearCache::new(Duration::from_secs(60), Default::default());
-        c.put("k", "f", b"rec", c.ticket());
+        c.put("k", &f, b"rec", c.ticket(now()));
         assert_eq!(c.len(), 0);
         c.heartbeat(Instant::now() - Duration::from_secs(61));
-        c.put("k", "f", b"rec", c.ticket());
+        c.put("k", &f, b"rec", c.ticket(now()));
         assert_eq!(c.len(), 0);
-        c.heartbeat(Instant::now());
-        c.put("k", "f", b"rec", c.ticket());
-        assert!(c.get("k", "f").is_some());
+        let pinged = Instant::now();
+        c.heartbeat(pinged);
+        c.put("k", &f, b"rec", c.ticket(now()));
+        assert!(c.get(&f, now()).is_some());
+        // Healthy only until a TTL after the last answered ping was sent.
+        assert_eq!(c.get(&f, pinged + Duration::from_secs(61)), None);
         c.down();
-        assert_eq!(c.get("k", "f"), None);
+        assert_eq!(c.get(&f, now()), None);
+        assert_eq!(c.len(), 0);
+        // Only a session id's shape is kept.
+        let c = healthy_cache(Duration::from_secs(60));
+        c.put("k", "short", b"rec", c.ticket(now()));
         assert_eq!(c.len(), 0);
     }
 
     #[test]
     fn an_invalidation_during_the_read_keeps_its_result_out() {
+        let (kf, kg, jf) = (sid('k', 'f'), sid('k', 'g'), sid('j', 'f'));
         let c = healthy_cache(Duration::from_secs(60));
-        let t = c.ticket();
+        let t = c.ticket(now());
         c.invalidate([&b"other"[..]]);
-        c.put("k", "f", b"rec", t);
-        assert_eq!(c.get("k", "f"), None);
-        c.put("k", "f", b"rec", c.ticket());
-        c.put("k", "g", b"rec2", c.ticket());
-        c.put("j", "f", b"rec3", c.ticket());
+        c.put("k", &kf, b"rec", t);
+        assert_eq!(c.get(&kf, now()), None);
+        c.put("k", &kf, b"rec", c.ticket(now()));
+        c.put("k", &kg, b"rec2", c.ticket(now()));
+        c.put("j", &jf, b"rec3", c.ticket(now()));
+        // A record read again replaces the entry, under the same user.
+        c.put("k", &kf, b"rec1", c.ticket(now()));
+        assert_eq!(c.get(&kf, now()).as_deref(), Some(&b"rec1"[..]));
+        assert_eq!(c.len(), 3);
         c.invalidate([&b"k"[..]]);
-        assert_eq!(c.get("k", "f"), None);
-        assert_eq!(c.get("k", "g"), None);
-        assert!(c.get("j", "f").is_some());
+        assert_eq!(c.get(&kf, now()), None);
+        assert_eq!(c.get(&kg, now()), None);
+        assert!(c.get(&jf, now()).is_some());
         assert_eq!(c.len(), 1);
         // A new global state flushes; the same one does not.
         c.observe_state(7);
         assert_eq!(c.len(), 0);
-        c.put("j", "f", b"rec3", c.ticket());
+        c.put("j", &jf, b"rec3", c.ticket(now()));
         c.observe_state(7);
         assert_eq!(c.len(), 1);
         c.flush();
-        assert_eq!(c.get("j", "f"), None);
+        assert_eq!(c.get(&jf, now()), None);
+        // After a flush, a user's sessions are gone from the index too: an
+        // invalidation of it finds nothing stale to remove.
+        c.put("k", &kf, b"rec", c.ticket(now()));
+        c.invalidate([&b"k"[..]]);
+        assert_eq!(c.len(), 0);
     }
 }
