@@ -91,13 +91,26 @@ static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 #[derive(Clone)]
 pub(super) enum Connection {
     Single(MultiplexedConnection),
+    /// A single Redis (not through Sentinel): the multiplexed connection
+    /// for everything, and the verify read's own ([`super::reader`]).
+    Standalone(MultiplexedConnection, super::reader::Reader),
     Cluster(ClusterConnection),
+}
+
+impl Connection {
+    /// The verify read's own connection, where there is one.
+    pub(super) fn reader(&self) -> Option<&super::reader::Reader> {
+        match self {
+            Connection::Standalone(_, reader) => Some(reader),
+            _ => None,
+        }
+    }
 }
 
 impl redis::aio::ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         match self {
-            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Single(c) | Connection::Standalone(c, _) => c.req_packed_command(cmd),
             Connection::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -109,14 +122,16 @@ impl redis::aio::ConnectionLike for Connection {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<Value>> {
         match self {
-            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Single(c) | Connection::Standalone(c, _) => {
+                c.req_packed_commands(pipeline, offset, count)
+            }
             Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Connection::Single(c) => c.get_db(),
+            Connection::Single(c) | Connection::Standalone(c, _) => c.get_db(),
             Connection::Cluster(c) => c.get_db(),
         }
     }
@@ -430,9 +445,12 @@ impl ConnectionLayer {
         let backoff = BackoffOnDrop(self);
         let epoch = self.epoch.load(Ordering::Acquire);
         let conn = match &self.target {
-            Target::Single(client) => Connection::Single(
+            Target::Single(client) => Connection::Standalone(
                 client
                     .get_multiplexed_async_connection_with_config(&self.connection_config)
+                    .await
+                    .map_err(|e| StoreError::from_redis(&e))?,
+                super::reader::Reader::open(client.get_connection_info())
                     .await
                     .map_err(|e| StoreError::from_redis(&e))?,
             ),

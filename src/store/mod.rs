@@ -18,6 +18,7 @@ mod conn;
 pub mod events;
 pub mod keys;
 pub mod near_cache;
+mod reader;
 pub mod record;
 
 use std::sync::Arc;
@@ -693,23 +694,36 @@ impl Store {
     ) -> Result<Option<(Vec<u8>, Option<i64>)>, StoreError> {
         let nonce = NEXT_NONCE.fetch_add(1, Ordering::Relaxed);
         let with_time = self.conn.is_cluster();
-        let mut pipe = redis::pipe();
-        if self.conn.is_sentinel() {
-            pipe.cmd("DEL").arg(&self.probe_key).ignore();
-        }
-        pipe.cmd("HGET").arg(key).arg(session.field());
-        if with_time {
-            pipe.cmd("TIME");
-        }
-        pipe.cmd("ECHO").arg(nonce);
+        let sentinel = self.conn.is_sentinel();
         let replies = if with_time { 3 } else { 2 };
-        let pipe = &pipe;
         let mut reply: Vec<Value> = self
             .conn
             .call(
                 |mut conn| async move {
+                    if let Some(reader) = conn.reader() {
+                        // A single Redis: the same two commands on the
+                        // verify read's own connection.
+                        let field = session.field().as_bytes();
+                        return reader
+                            .query(2, |out| {
+                                reader::push_command(out, &[b"HGET", key.as_bytes(), field]);
+                                let mut digits = [0; 20];
+                                let nonce = reader::decimal(nonce, &mut digits);
+                                reader::push_command(out, &[b"ECHO", nonce]);
+                            })
+                            .await;
+                    }
+                    let mut pipe = redis::pipe();
+                    if sentinel {
+                        pipe.cmd("DEL").arg(&self.probe_key).ignore();
+                    }
+                    pipe.cmd("HGET").arg(key).arg(session.field());
+                    if with_time {
+                        pipe.cmd("TIME");
+                    }
+                    pipe.cmd("ECHO").arg(nonce);
                     match pipe.query_async::<Vec<Value>>(&mut conn).await {
-                        Err(e) if is_redirect(&e) => ask_pipeline(conn, pipe, replies, &e).await,
+                        Err(e) if is_redirect(&e) => ask_pipeline(conn, &pipe, replies, &e).await,
                         other => other,
                     }
                 },

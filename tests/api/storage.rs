@@ -477,3 +477,61 @@ fn a_create_run_twice_keeps_its_own_session() {
         "the second run deleted the session the first one created"
     );
 }
+
+/// With a single Redis, the verify read has a connection of its own
+/// (`src/store/reader.rs`): it logs in as the URL's user and reads the
+/// URL's database, like the connections redis-rs opens. Here the default
+/// user may connect but touch no key, so a verify connection that skipped
+/// `AUTH` would answer 503, and one that skipped `SELECT` would find no
+/// record (401).
+#[tokio::test]
+async fn the_verify_connection_logs_in_as_the_urls_user_and_reads_its_database() {
+    let redis = crate::redis_server::TestRedis::start();
+    let user = [
+        "ACL",
+        "SETUSER",
+        "gate",
+        "on",
+        ">gate-password",
+        "~*",
+        "&*",
+        "+@all",
+    ];
+    assert_eq!(redis.cmd(&user), "+OK\r\n");
+    let default = ["ACL", "SETUSER", "default", "resetkeys", "resetchannels"];
+    assert_eq!(redis.cmd(&default), "+OK\r\n");
+    let url = format!("redis://gate:gate-password@127.0.0.1:{}/3", redis.port());
+    let app = crate::helpers::spawn_app_on(&url, &[]).await;
+    let a = app.create("alice", "laptop").await;
+    let b = app.create("alice", "phone").await;
+    assert_eq!(app.verify_status(&a.token).await, StatusCode::OK);
+    assert_eq!(app.verify_status(&b.token).await, StatusCode::OK);
+    // A logout through the other connection is seen by the next read.
+    assert_eq!(app.logout(&a.token).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(app.verify_status(&a.token).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.verify_status(&b.token).await, StatusCode::OK);
+}
+
+/// The verify read's connection, killed by Redis (`CLIENT KILL`), is
+/// replaced: the verifies in flight fail closed (503), later ones succeed.
+#[tokio::test]
+async fn a_killed_verify_connection_is_replaced() {
+    let app = spawn_app().await;
+    let created = app.create("alice", "laptop").await;
+    assert_eq!(app.verify_status(&created.token).await, StatusCode::OK);
+    // Every client connection but the killer's own (SKIPME yes by default).
+    app.redis_cmd(&["CLIENT", "KILL", "TYPE", "normal"]);
+    let seen = std::sync::Mutex::new(HashSet::new());
+    eventually(Duration::from_secs(30), || async {
+        let status = app.verify_status(&created.token).await;
+        seen.lock().unwrap().insert(status);
+        status == StatusCode::OK
+    })
+    .await;
+    let seen = seen.into_inner().unwrap();
+    assert!(
+        seen.iter()
+            .all(|s| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE),
+        "only 200 or 503 while reconnecting: {seen:?}"
+    );
+}
