@@ -90,19 +90,19 @@ static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 /// key's slot (every per-user script touches one hash, so one slot).
 #[derive(Clone)]
 pub(super) enum Connection {
-    Single(MultiplexedConnection),
-    /// A single Redis (not through Sentinel): the multiplexed connection
-    /// for everything, and the verify read's own ([`super::reader`]).
-    Standalone(MultiplexedConnection, super::reader::Reader),
+    /// A single Redis, or the primary Sentinel names: the multiplexed
+    /// connection for everything, and the verify read's own, to the same
+    /// node ([`super::reader`]).
+    Single(MultiplexedConnection, super::reader::Reader),
     Cluster(ClusterConnection),
 }
 
 impl Connection {
-    /// The verify read's own connection, where there is one.
+    /// The verify read's own connection (not in Cluster mode).
     pub(super) fn reader(&self) -> Option<&super::reader::Reader> {
         match self {
-            Connection::Standalone(_, reader) => Some(reader),
-            _ => None,
+            Connection::Single(_, reader) => Some(reader),
+            Connection::Cluster(_) => None,
         }
     }
 }
@@ -110,7 +110,7 @@ impl Connection {
 impl redis::aio::ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         match self {
-            Connection::Single(c) | Connection::Standalone(c, _) => c.req_packed_command(cmd),
+            Connection::Single(c, _) => c.req_packed_command(cmd),
             Connection::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -122,16 +122,14 @@ impl redis::aio::ConnectionLike for Connection {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<Value>> {
         match self {
-            Connection::Single(c) | Connection::Standalone(c, _) => {
-                c.req_packed_commands(pipeline, offset, count)
-            }
+            Connection::Single(c, _) => c.req_packed_commands(pipeline, offset, count),
             Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Connection::Single(c) | Connection::Standalone(c, _) => c.get_db(),
+            Connection::Single(c, _) => c.get_db(),
             Connection::Cluster(c) => c.get_db(),
         }
     }
@@ -445,22 +443,10 @@ impl ConnectionLayer {
         let backoff = BackoffOnDrop(self);
         let epoch = self.epoch.load(Ordering::Acquire);
         let conn = match &self.target {
-            Target::Single(client) => Connection::Standalone(
-                client
-                    .get_multiplexed_async_connection_with_config(&self.connection_config)
-                    .await
-                    .map_err(|e| StoreError::from_redis(&e))?,
-                super::reader::Reader::open(client.get_connection_info())
-                    .await
-                    .map_err(|e| StoreError::from_redis(&e))?,
-            ),
-            Target::Sentinel(sentinel) => Connection::Single(
-                self.sentinel_primary(sentinel)
-                    .await?
-                    .get_multiplexed_async_connection_with_config(&self.connection_config)
-                    .await
-                    .map_err(|e| StoreError::from_redis(&e))?,
-            ),
+            Target::Single(client) => self.single(client).await?,
+            Target::Sentinel(sentinel) => {
+                self.single(&self.sentinel_primary(sentinel).await?).await?
+            }
             Target::Cluster(cluster) => Connection::Cluster(
                 cluster
                     .get_async_connection()
@@ -487,6 +473,19 @@ impl ConnectionLayer {
             })
         });
         Ok((generation, conn))
+    }
+
+    /// Both connections to one node: the multiplexed one, and the verify
+    /// read's.
+    async fn single(&self, client: &redis::Client) -> Result<Connection, StoreError> {
+        let multiplexed = client
+            .get_multiplexed_async_connection_with_config(&self.connection_config)
+            .await
+            .map_err(|e| StoreError::from_redis(&e))?;
+        let reader = super::reader::Reader::open(client.get_connection_info())
+            .await
+            .map_err(|e| StoreError::from_redis(&e))?;
+        Ok(Connection::Single(multiplexed, reader))
     }
 
     /// Drops this thread's connection if it is still `generation`; the next

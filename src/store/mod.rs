@@ -701,17 +701,27 @@ impl Store {
             .call(
                 |mut conn| async move {
                     if let Some(reader) = conn.reader() {
-                        // A single Redis: the same two commands on the
-                        // verify read's own connection.
+                        // Not Cluster: the same commands on the verify
+                        // read's own connection. The probe's reply is
+                        // checked there (an error fails the whole call),
+                        // then left out, as redis-rs's `ignore` does.
                         let field = session.field().as_bytes();
-                        return reader
-                            .query(2, |out| {
+                        let probe = self.probe_key.as_bytes();
+                        let mut reply = reader
+                            .query(2 + usize::from(sentinel), |out| {
+                                if sentinel {
+                                    reader::push_command(out, &[b"DEL", probe]);
+                                }
                                 reader::push_command(out, &[b"HGET", key.as_bytes(), field]);
                                 let mut digits = [0; 20];
                                 let nonce = reader::decimal(nonce, &mut digits);
                                 reader::push_command(out, &[b"ECHO", nonce]);
                             })
-                            .await;
+                            .await?;
+                        if sentinel {
+                            reply.remove(0);
+                        }
+                        return Ok(reply);
                     }
                     let mut pipe = redis::pipe();
                     if sentinel {

@@ -1,7 +1,9 @@
-//! The verify read's own pipelined connection, with a single Redis.
+//! The verify read's own pipelined connection, to a single Redis or to the
+//! primary Sentinel names (not in Cluster mode).
 //!
 //! Every verify sends the same two commands (`HGET` of the record, `ECHO`
-//! of a nonce) and reads two plain replies. Through redis-rs's multiplexed
+//! of a nonce; with Sentinel, first the `DEL` probe that a replica or a
+//! demoted primary refuses) and reads plain replies. Through redis-rs's multiplexed
 //! connection that costs a `Pipeline` of `Cmd`s, a channel message, a
 //! `Value` parse with its combinator parser and a conversion: about a tenth
 //! of a verify's CPU. Here the commands are written straight into the
@@ -23,7 +25,8 @@
 //!   layer's `call`; a request given up on leaves its place in the queue,
 //!   and its reply, when it comes, is read and dropped.
 //!
-//! Everything else (scripts, writes, Sentinel, Cluster) stays on redis-rs.
+//! Everything else (scripts, writes, finding the Sentinel primary,
+//! Cluster) stays on redis-rs.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -33,8 +36,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, oneshot};
 
 /// A bulk reply larger than this is taken for a broken stream (records are
-/// a few hundred bytes).
-const MAX_BULK: usize = 64 << 20;
+/// a few hundred bytes, a few KB at most).
+const MAX_BULK: usize = 1 << 20;
+
+/// After this many requests in a row given up on (their caller timed out)
+/// without a reply in between, the connection counts as broken.
+const ABANDONED_BEFORE_BREAK: u32 = 3;
 
 /// A cheap handle on one connection; the connection closes when the last
 /// handle is dropped.
@@ -59,6 +66,8 @@ struct Shared {
     state: Mutex<State>,
     wake_writer: Notify,
     close: Notify,
+    /// Requests given up on since the last reply delivered.
+    abandoned: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Default)]
@@ -73,7 +82,15 @@ struct State {
 
 impl Shared {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| {
+            // A panic mid-request may have left half a command: the
+            // stream can no longer be trusted.
+            let mut state = poisoned.into_inner();
+            state
+                .broken
+                .get_or_insert_with(|| "a request panicked".into());
+            state
+        })
     }
 
     /// Marks the connection broken and fails every waiting request.
@@ -86,6 +103,37 @@ impl Shared {
         for (_, tx) in waiting {
             let _ = tx.send(Err(dropped(&why)));
         }
+    }
+}
+
+/// A request still waiting when its future is dropped (its caller's
+/// timeout): counted; [`ABANDONED_BEFORE_BREAK`] in a row, with no reply
+/// delivered in between, break the connection, so a node that stopped
+/// answering this connection is left even while the other one still works.
+struct Abandon<'a>(&'a Shared, bool);
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if self.1
+            && self
+                .0
+                .abandoned
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+                + 1
+                >= ABANDONED_BEFORE_BREAK
+        {
+            self.0
+                .break_with("no reply to several requests in a row within the timeout".into());
+        }
+    }
+}
+
+/// Breaks the connection when the task holding it ends, however it ends.
+struct BreakOnDrop(Arc<Shared>);
+
+impl Drop for BreakOnDrop {
+    fn drop(&mut self) {
+        self.0.break_with("its task ended".into());
     }
 }
 
@@ -178,7 +226,9 @@ impl Reader {
                     Ok(Some((value, used))) => {
                         buf.drain(..used);
                         got += 1;
-                        value.extract_error()?;
+                        if value.extract_error()? != Value::Okay {
+                            return Err(dropped("AUTH or SELECT not answered OK"));
+                        }
                     }
                     Ok(None) => {
                         if stream.read_buf(&mut buf).await? == 0 {
@@ -193,16 +243,21 @@ impl Reader {
             state: Mutex::new(State::default()),
             wake_writer: Notify::new(),
             close: Notify::new(),
+            abandoned: std::sync::atomic::AtomicU32::new(0),
         });
         let (read_half, write_half) = tokio::io::split(stream);
-        let driver = shared.clone();
+        // However the task ends (an error, a panic, its runtime shutting
+        // down, even before it ever ran), every waiting request fails at
+        // once and no new one is sent: the guard is moved into the task.
+        let guard = BreakOnDrop(shared.clone());
         tokio::spawn(async move {
             let why = tokio::select! {
-                why = read_loop(&driver, read_half, buf) => why,
-                why = write_loop(&driver, write_half) => why,
-                () = driver.close.notified() => "closed".to_string(),
+                why = read_loop(&guard.0, read_half, buf) => why,
+                why = write_loop(&guard.0, write_half) => why,
+                () = guard.0.close.notified() => "closed".to_string(),
             };
-            driver.break_with(why);
+            // The first reason stays; the guard's own, on drop, is a no-op.
+            guard.0.break_with(why);
         });
         Ok(Reader {
             handle: Arc::new(Handle { shared }),
@@ -231,8 +286,12 @@ impl Reader {
         if was_idle {
             shared.wake_writer.notify_one();
         }
-        rx.await
-            .unwrap_or_else(|_| Err(dropped("the connection's task ended")))
+        let mut waiting = Abandon(shared, true);
+        let reply = rx
+            .await
+            .unwrap_or_else(|_| Err(dropped("the connection's task ended")));
+        waiting.1 = false;
+        reply
     }
 }
 
@@ -284,7 +343,11 @@ async fn read_loop<R: AsyncRead + Unpin>(shared: &Shared, mut r: R, mut buf: Vec
                             other => vec![other],
                         });
                 // A request given up on (timed out) is not listening.
-                let _ = tx.send(reply);
+                if tx.send(reply).is_ok() {
+                    shared
+                        .abandoned
+                        .store(0, std::sync::atomic::Ordering::Release);
+                }
             }
         }
         buf.drain(..at);
@@ -303,6 +366,9 @@ fn parse(buf: &[u8]) -> Result<Option<(Value, usize)>, String> {
     let Some(&kind) = buf.first() else {
         return Ok(None);
     };
+    if !matches!(kind, b'$' | b':' | b'+' | b'-') {
+        return Err(format!("an unexpected reply type {:?}", kind as char));
+    }
     let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
         if buf.len() > 64 * 1024 {
             return Err("a reply line without an end".into());
@@ -427,10 +493,73 @@ mod tests {
         }
     }
 
+    /// A listener that accepts connections and never answers (a socket of
+    /// this test's, not a store: what a hung node looks like to a client).
+    async fn silent_node() -> (redis::ConnectionInfo, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let info =
+            redis::IntoConnectionInfo::into_connection_info(format!("redis://127.0.0.1:{port}/0"))
+                .unwrap();
+        (info, task)
+    }
+
+    fn ping(out: &mut Vec<u8>) {
+        push_command(out, &[b"PING"]);
+    }
+
+    #[tokio::test]
+    async fn requests_given_up_on_in_a_row_break_the_connection() {
+        let (info, _node) = silent_node().await;
+        let reader = Reader::open(&info).await.unwrap();
+        let patience = std::time::Duration::from_millis(50);
+        for _ in 0..ABANDONED_BEFORE_BREAK {
+            let waited = tokio::time::timeout(patience, reader.query(1, ping)).await;
+            assert!(waited.is_err(), "a silent node answers nothing");
+        }
+        // Broken now: refused at once, not after another timeout.
+        let refused =
+            tokio::time::timeout(std::time::Duration::from_secs(10), reader.query(1, ping))
+                .await
+                .expect("refused without waiting");
+        assert!(refused.unwrap_err().is_connection_dropped());
+    }
+
+    #[test]
+    fn a_connection_whose_task_is_gone_fails_at_once() {
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (reader, node) = first.block_on(async {
+            let (info, node) = silent_node().await;
+            (Reader::open(&info).await.unwrap(), node)
+        });
+        // Its task dies with its runtime (no normal return).
+        drop(first);
+        drop(node);
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let refused = second.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), reader.query(1, ping)).await
+        });
+        assert!(refused.expect("refused without waiting").is_err());
+    }
+
     #[test]
     fn anything_else_breaks_the_stream() {
         for bad in [
-            &b"*1\r\n$1\r\na\r\n"[..],
+            &b"\r\n"[..],
+            b"\r\n$1\r\na\r\n",
+            b"*1\r\n$1\r\na\r\n",
             b"$x\r\n",
             b"$3\r\nabcXY",
             b"$-2\r\n",
