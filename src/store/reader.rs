@@ -39,6 +39,10 @@ use tokio::sync::{Notify, oneshot};
 /// a few hundred bytes, a few KB at most).
 const MAX_BULK: usize = 1 << 20;
 
+/// A reply line (a number, a status, an error) longer than this is taken
+/// for a broken stream.
+const MAX_LINE: usize = 64 * 1024;
+
 /// After this many requests in a row given up on (their caller timed out)
 /// without a reply in between, the connection counts as broken.
 const ABANDONED_BEFORE_BREAK: u32 = 3;
@@ -370,7 +374,7 @@ fn parse(buf: &[u8]) -> Result<Option<(Value, usize)>, String> {
         return Err(format!("an unexpected reply type {:?}", kind as char));
     }
     let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-        if buf.len() > 64 * 1024 {
+        if buf.len() > MAX_LINE {
             return Err("a reply line without an end".into());
         }
         return Ok(None);
@@ -512,6 +516,88 @@ mod tests {
 
     fn ping(out: &mut Vec<u8>) {
         push_command(out, &[b"PING"]);
+    }
+
+    /// A node that answers every `*1 $4 PING` with `+PONG` (split across
+    /// writes, to cross read boundaries) and reports when a connection
+    /// closes: the transport's own behaviour, with no store behind it.
+    async fn ponging_node() -> (
+        redis::ConnectionInfo,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                socket.set_nodelay(true).unwrap();
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        match socket.read_buf(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                        const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
+                        while buf.starts_with(PING) {
+                            buf.drain(..PING.len());
+                            for part in [&b"+PO"[..], b"NG\r", b"\n"] {
+                                socket.write_all(part).await.unwrap();
+                                socket.flush().await.unwrap();
+                            }
+                        }
+                    }
+                    let _ = closed_tx.send(());
+                });
+            }
+        });
+        let info =
+            redis::IntoConnectionInfo::into_connection_info(format!("redis://127.0.0.1:{port}/0"))
+                .unwrap();
+        (info, closed)
+    }
+
+    #[tokio::test]
+    async fn replies_go_to_their_requests_in_order_and_the_last_handle_closes_it() {
+        let (info, mut closed) = ponging_node().await;
+        let reader = Reader::open(&info).await.unwrap();
+        let pong = Value::SimpleString("PONG".into());
+        // Groups of one, two and three commands, concurrently.
+        let (a, b, c) = tokio::join!(
+            reader.query(1, ping),
+            reader.query(2, |out| {
+                ping(out);
+                ping(out);
+            }),
+            reader.query(3, |out| {
+                ping(out);
+                ping(out);
+                ping(out);
+            }),
+        );
+        assert_eq!(a.unwrap(), vec![pong.clone()]);
+        assert_eq!(b.unwrap(), vec![pong.clone(); 2]);
+        assert_eq!(c.unwrap(), vec![pong.clone(); 3]);
+        for _ in 0..50 {
+            assert_eq!(reader.query(1, ping).await.unwrap(), vec![pong.clone()]);
+        }
+        let copy = reader.clone();
+        drop(reader);
+        assert_eq!(copy.query(1, ping).await.unwrap(), vec![pong]);
+        // The last handle gone, the connection closes.
+        drop(copy);
+        tokio::time::timeout(std::time::Duration::from_secs(10), closed.recv())
+            .await
+            .expect("the node sees the connection close");
+    }
+
+    #[test]
+    fn a_reply_line_is_bounded() {
+        let mut line = vec![b'+'; MAX_LINE];
+        assert_eq!(parse(&line), Ok(None), "still possibly a reply");
+        line.push(b'x');
+        assert!(parse(&line).is_err(), "too long to be one");
     }
 
     #[tokio::test]
