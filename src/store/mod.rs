@@ -568,10 +568,10 @@ impl Store {
             .near
             .as_ref()
             .and_then(|n| n.get(session.as_str(), started));
-        let from_redis = cached.is_none();
-        // Taken before the read is sent (`started` is earlier still).
-        let ticket = match (&self.near, from_redis) {
-            (Some(near), true) => Some(near.ticket(started)),
+        // A miss's ticket, taken before the read is sent (`started` is
+        // earlier still); `None` on a hit or with the cache off.
+        let ticket = match (&self.near, &cached) {
+            (Some(near), None) => Some(near.ticket(started)),
             _ => None,
         };
         // The user hash's name: built only when Redis is asked (a hit that
@@ -618,9 +618,7 @@ impl Store {
                 touch_due,
             } => {
                 let mut seen = rec.last_seen_ms;
-                if let (Some(near), Some(ticket), true, false) =
-                    (&self.near, ticket, from_redis, touch_due)
-                {
+                if let (Some(near), Some(ticket), false) = (&self.near, ticket, touch_due) {
                     near.put(key(), session.as_str(), blob, ticket);
                 }
                 if touch_due {
@@ -723,10 +721,9 @@ impl Store {
                         }
                         return Ok(reply);
                     }
+                    // Cluster (the only mode without the read's own
+                    // connection): routed by redis-rs, with the node's TIME.
                     let mut pipe = redis::pipe();
-                    if sentinel {
-                        pipe.cmd("DEL").arg(&self.probe_key).ignore();
-                    }
                     pipe.cmd("HGET").arg(key).arg(session.field());
                     if with_time {
                         pipe.cmd("TIME");
